@@ -1,0 +1,257 @@
+"""`compile_ntk` and the NTK function object users hold."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from ntk_compiler import axes as axes_lib
+from ntk_compiler import cost
+from ntk_compiler.methods import Problem, jacobian_ntk, ntk_vp_ntk
+
+METHODS = ("auto", "structured", "jacobian", "ntk_vp")
+
+_IMPLEMENTATIONS = {"jacobian": jacobian_ntk, "ntk_vp": ntk_vp_ntk}
+
+
+def compile_ntk(
+    f: Callable[[Any, Any], Any],
+    *,
+    method: str = "auto",
+    trace_axes: int | Sequence[int] = (-1,),
+    diagonal_axes: int | Sequence[int] = (),
+    batch_independent: bool | None = None,
+) -> NTKFunction:
+  """Compiles the empirical Neural Tangent Kernel of `f`.
+
+  Θ(x1, x2) = Σ_w ∂f(params, x1)/∂w · ∂f(params, x2)/∂wᵀ, summed over every parameter
+  leaf w, in the output layout of `neural_tangents.empirical_ntk_fn`.
+
+  Args:
+    f: the model, `f(params, x)`. `params` is any pytree of floating-point arrays; `x`
+      an array or pytree of arrays with the batch on axis 0; the output an array or a
+      pytree of arrays (one kernel per output leaf, in the same tree structure).
+    method: "auto" (pick the cheapest method from a cost model), "jacobian" (Jacobian
+      contraction), "ntk_vp" (NTK-vector products) or "structured" (structured
+      derivatives).
+    trace_axes: output axes to trace over; each vanishes from the kernel, which is
+      divided by the product of their sizes. Negative axes count from the end.
+    diagonal_axes: output axes on which only the diagonal (x1 index = x2 index) is
+      kept; each appears once in the kernel.
+    batch_independent: True promises that f treats the examples on axis 0
+      independently, which enables the per-example fast path. None and False assume
+      nothing: the kernel is exact even if f mixes examples (e.g. a batch mean).
+
+  Returns:
+    An `NTKFunction`; call it as `ntk_fn(params, x1)` or `ntk_fn(params, x1, x2)`.
+    For f → (N, O) the kernel is (N1, N2) by default and (N1, N2, O, O) with
+    `trace_axes=()`.
+
+  Raises:
+    ValueError: unknown `method`, or axes named twice or both traced and diagonal.
+    TypeError: `f` not callable, or axes / `batch_independent` of the wrong type.
+    NotImplementedError: `method="structured"`, until the structured engine lands.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, ntk_compiler as nc
+    >>> f = lambda p, x: jnp.tanh(x @ p["w"]) @ p["v"]
+    >>> params = {"w": jnp.ones((3, 8)), "v": jnp.ones((8, 2))}
+    >>> nc.compile_ntk(f)(params, jnp.ones((5, 3))).shape
+    (5, 5)
+  """
+  if not callable(f):
+    raise TypeError(f"f must be a callable f(params, x), got {type(f).__name__}.")
+  if not isinstance(method, str) or method not in METHODS:
+    raise ValueError(f"method={method!r} is not one of {', '.join(map(repr, METHODS))}.")
+  if method == "structured":
+    raise NotImplementedError(
+        "method='structured' (structured derivatives: the jaxpr rewrite engine, its "
+        "rule registry and the core rules) is not implemented yet; use method='auto', "
+        "'jacobian' or 'ntk_vp'.")
+  if batch_independent is not None and not isinstance(batch_independent, bool):
+    raise TypeError(
+        f"batch_independent must be True, False or None, got {batch_independent!r}.")
+  trace = axes_lib.normalize_axes(trace_axes, "trace_axes")
+  diagonal = axes_lib.normalize_axes(diagonal_axes, "diagonal_axes")
+  axes_lib.check_disjoint(trace, diagonal)
+  return NTKFunction(f, method, trace, diagonal, bool(batch_independent))
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What an NTK function decided for one input signature."""
+  method: str
+  problem: Problem
+
+
+class NTKFunction:
+  """The compiled NTK of a model: call it as `ntk_fn(params, x1[, x2])`.
+
+  Reusable; it is jit-compiled once per signature (shapes and dtypes) of its arguments,
+  and may itself be called under `jax.jit`.
+  """
+
+  def __init__(self, f, method: str, trace_axes: tuple[int, ...],
+               diagonal_axes: tuple[int, ...], batch_independent: bool):
+    self.f = f
+    self.method = method
+    self.trace_axes = trace_axes
+    self.diagonal_axes = diagonal_axes
+    self.batch_independent = batch_independent
+    self._jitted = jax.jit(self._compute)
+
+  def __repr__(self) -> str:
+    return (f"NTKFunction(method={self.method!r}, trace_axes={self.trace_axes}, "
+            f"diagonal_axes={self.diagonal_axes}, "
+            f"batch_independent={self.batch_independent})")
+
+  def __call__(self, params: Any, x1: Any, x2: Any = None) -> Any:
+    """Θ(x1, x2), or Θ(x1, x1) when x2 is omitted: one kernel per output leaf."""
+    return self._jitted(params, x1, x2)
+
+  def plan(self, params: Any, x1: Any, x2: Any = None) -> Plan:
+    """The method chosen and the problem solved for these arguments' signature."""
+    return self._plan(params, x1, x2)
+
+  def _compute(self, params, x1, x2):
+    plan = self._plan(params, x1, x2)
+    kernels = _solve(plan)
+    return plan.problem.out_tree.unflatten(kernels)
+
+  def _plan(self, params, x1, x2) -> Plan:
+    _check_params(params)
+    n1 = _check_inputs(x1, "x1")
+    if x2 is not None:
+      _check_inputs(x2, "x2")
+      if jax.tree_util.tree_structure(x1) != jax.tree_util.tree_structure(x2):
+        raise ValueError(
+            "x1 and x2 must have the same pytree structure, got "
+            f"{jax.tree_util.tree_structure(x1)} and {jax.tree_util.tree_structure(x2)}.")
+    out1 = _output_shapes(self.f, params, x1, "x1")
+    out2 = out1 if x2 is None else _output_shapes(self.f, params, x2, "x2")
+    leaves1, out_tree = jax.tree_util.tree_flatten(out1)
+    leaves2, tree2 = jax.tree_util.tree_flatten(out2)
+    if tree2 != out_tree:
+      raise ValueError(
+          f"f(params, x1) and f(params, x2) return different pytrees: {out_tree} and "
+          f"{tree2}.")
+    layouts = []
+    for path, l1, l2 in zip(_paths(out1), leaves1, leaves2):
+      where = f"output leaf {path}" if path else "output"
+      if self.batch_independent and l1.shape[0] != n1:
+        raise ValueError(
+            f"batch_independent=True, but the {where} of shape {l1.shape} does not keep "
+            f"the batch of {n1} examples on axis 0; pass batch_independent=False.")
+      layout = axes_lib.Layout.make(self.trace_axes, self.diagonal_axes, l1.shape)
+      layout.check_compatible(l1.shape, l2.shape, where)
+      layouts.append(layout)
+    problem = Problem(
+        f=self.f, params=params, x1=x1, x2=x2, out_tree=out_tree,
+        shapes1=tuple(l.shape for l in leaves1), shapes2=tuple(l.shape for l in leaves2),
+        layouts=tuple(layouts), batch_independent=self.batch_independent)
+    method = self.method if self.method != "auto" else _choose(problem)
+    return Plan(method, problem)
+
+
+def _solve(plan: Plan) -> list[jax.Array]:
+  problem, method = plan.problem, _IMPLEMENTATIONS[plan.method]
+  if problem.batch_independent and all(
+      0 in l.trace + l.diagonal for l in problem.layouts):
+    return _paired_examples(problem, method)
+  return method(problem)
+
+
+def _paired_examples(problem: Problem, method) -> list[jax.Array]:
+  """Axis 0 traced or diagonal on a per-example f: only pairs (x1[n], x2[n]) count."""
+  def one(x1n, x2n):
+    expand = lambda t: jax.tree_util.tree_map(lambda a: a[None], t)
+    sub = dataclasses.replace(
+        problem, x1=expand(x1n), x2=None if problem.symmetric else expand(x2n),
+        shapes1=tuple((1,) + s[1:] for s in problem.shapes1),
+        shapes2=tuple((1,) + s[1:] for s in problem.shapes2))
+    return method(sub)
+
+  per_pair = jax.vmap(one)(problem.x1, problem.second)
+  return [k[:, 0] if 0 in layout.diagonal else jnp.mean(k, axis=0)
+          for k, layout in zip(per_pair, problem.layouts)]
+
+
+def _choose(problem: Problem) -> str:
+  """Jacobian contraction or NTK-vector products, by estimated FLOPs."""
+  def flops(x):
+    abstract = jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)),
+        (problem.params, x))
+    return cost.jaxpr_flops(jax.make_jaxpr(problem.f)(*abstract))
+
+  fp1 = flops(problem.x1)
+  fp2 = fp1 if problem.symmetric else flops(problem.x2)
+  n1, n2 = problem.shapes1[0][0], problem.shapes2[0][0]
+  per1, per2 = (fp1 / n1, fp2 / n2) if problem.batch_independent else (fp1, fp2)
+  size1 = sum(_prod(s) for s in problem.shapes1)
+  size2 = sum(_prod(s) for s in problem.shapes2)
+  num_params = sum(_prod(jnp.shape(w)) for w in jax.tree_util.tree_leaves(problem.params))
+  contraction = sum(
+      _prod(l.kernel_shape(s1, s2)) * l.trace_size(s1) * num_params
+      for l, s1, s2 in zip(problem.layouts, problem.shapes1, problem.shapes2))
+  jacobian = 3 * (size1 * per1 + (0 if problem.symmetric else size2 * per2)) + contraction
+  ntk_vp = 3 * size2 * (fp1 + per2)
+  return "jacobian" if jacobian <= ntk_vp else "ntk_vp"
+
+
+def _prod(shape) -> int:
+  out = 1
+  for d in shape:
+    out *= d
+  return out
+
+
+def _paths(tree) -> list[str]:
+  return [jax.tree_util.keystr(p)
+          for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _check_params(params) -> None:
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    dtype = jnp.result_type(leaf)
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise TypeError(
+          f"params{jax.tree_util.keystr(path)} has dtype {dtype}; every parameter leaf "
+          "must be a real floating-point array (float16/bfloat16/float32/float64). "
+          "Pass integer or constant arrays through x, or close over them in f.")
+
+
+def _check_inputs(x, name: str) -> int:
+  leaves = jax.tree_util.tree_flatten_with_path(x)[0]
+  if not leaves:
+    raise ValueError(f"{name} has no array leaves; pass the inputs with the batch on "
+                     "axis 0.")
+  batch = None
+  for path, leaf in leaves:
+    shape = jnp.shape(leaf)
+    where = f"{name}{jax.tree_util.keystr(path)}"
+    if not shape:
+      raise ValueError(f"{where} is a scalar; every input leaf needs the batch on "
+                       "axis 0.")
+    if batch is not None and shape[0] != batch:
+      raise ValueError(f"{where} has {shape[0]} examples on axis 0 but other leaves of "
+                       f"{name} have {batch}; every leaf must hold the same batch.")
+    batch = shape[0]
+  return batch
+
+
+def _output_shapes(f, params, x, name: str):
+  out = jax.eval_shape(f, params, x)
+  for path, leaf in jax.tree_util.tree_flatten_with_path(out)[0]:
+    where = f"f(params, {name}){jax.tree_util.keystr(path)}"
+    if not jnp.issubdtype(leaf.dtype, jnp.floating):
+      raise TypeError(f"{where} has dtype {leaf.dtype}; the NTK needs real "
+                      "floating-point outputs.")
+    if not leaf.shape:
+      raise ValueError(f"{where} is a scalar; f must keep the batch on axis 0 of "
+                       "every output.")
+  return out

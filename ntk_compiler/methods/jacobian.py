@@ -1,0 +1,42 @@
+"""Jacobian contraction: Jacobians by reverse mode, contracted leaf by leaf."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ntk_compiler.methods.common import PRECISION, Problem, per_example
+
+
+def jacobians(problem: Problem, x) -> list:
+  """∂f(x)/∂params: one params-shaped pytree per output leaf, leaves out_shape + w_shape."""
+  if problem.batch_independent:
+    single = jax.jacrev(per_example(problem.f))
+    jac = jax.vmap(single, in_axes=(None, 0))(problem.params, x)
+  else:
+    jac = jax.jacrev(problem.f)(problem.params, x)
+  return problem.out_tree.flatten_up_to(jac)
+
+
+def jacobian_ntk(problem: Problem) -> list[jax.Array]:
+  """The NTK of every output leaf by Jacobian contraction."""
+  with jax.named_scope("ntk/jacobian"):
+    jac1 = jacobians(problem, problem.x1)
+    jac2 = jac1 if problem.symmetric else jacobians(problem, problem.x2)
+  kernels = []
+  for k, layout in enumerate(problem.layouts):
+    shape1, shape2 = problem.shapes1[k], problem.shapes2[k]
+    side1, side2, result = layout.indices()
+    first = layout.num_indices
+    kernel = None
+    with jax.named_scope("ntk/contract"):
+      for w1, w2 in zip(jax.tree_util.tree_leaves(jac1[k]),
+                        jax.tree_util.tree_leaves(jac2[k])):
+        w_idx = list(range(first, first + w1.ndim - layout.ndim))
+        term = jnp.einsum(w1, side1 + w_idx, w2, side2 + w_idx, result,
+                          precision=PRECISION)
+        kernel = term if kernel is None else kernel + term
+    if kernel is None:  # f has no parameters
+      kernel = jnp.zeros(layout.kernel_shape(shape1, shape2))
+    kernels.append(kernel / layout.trace_size(shape1))
+  return kernels

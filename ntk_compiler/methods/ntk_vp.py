@@ -1,0 +1,65 @@
+"""NTK-vector products: Θ·v = JVP_x1(VJP_x2(v)) over a basis of x2's output space.
+
+No Jacobian is contracted: each basis vector's cotangent in parameter space is pushed
+forward through f at x1, giving one column of the kernel.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ntk_compiler.methods.common import Problem, apply_layout, per_example
+
+
+def _basis(shape, dtype) -> jax.Array:
+  size = 1
+  for d in shape:
+    size *= d
+  return jnp.eye(size, dtype=dtype).reshape((size,) + tuple(shape))
+
+
+def _param_cotangents(problem: Problem, k: int, out2) -> tuple:
+  """VJPs of every basis vector of output leaf k at x2, stacked on one leading axis."""
+  leaves2 = jax.tree_util.tree_leaves(out2)
+  shape2 = problem.shapes2[k]
+
+  def one_hot_tree(v, like):
+    cts = [v if j == k else jnp.zeros(l.shape, l.dtype) for j, l in enumerate(like)]
+    return problem.out_tree.unflatten(cts)
+
+  if problem.batch_independent:
+    single = per_example(problem.f)
+
+    def example_cotangents(xj):
+      out, vjp = jax.vjp(lambda p: single(p, xj), problem.params)
+      like = jax.tree_util.tree_leaves(out)
+      basis = _basis(shape2[1:], like[k].dtype)
+      return jax.vmap(lambda v: vjp(one_hot_tree(v, like))[0])(basis)
+
+    cts = jax.vmap(example_cotangents)(problem.second)
+    lead = 2  # (example, basis vector)
+  else:
+    _, vjp = jax.vjp(lambda p: problem.f(p, problem.second), problem.params)
+    basis = _basis(shape2, leaves2[k].dtype)
+    cts = jax.vmap(lambda v: vjp(one_hot_tree(v, leaves2))[0])(basis)
+    lead = 1  # basis vector
+  return jax.tree_util.tree_map(lambda c: c.reshape((-1,) + c.shape[lead:]), cts)
+
+
+def ntk_vp_ntk(problem: Problem) -> list[jax.Array]:
+  """The NTK of every output leaf by NTK-vector products."""
+  with jax.named_scope("ntk/ntk_vp"):
+    out1, jvp1 = jax.linearize(lambda p: problem.f(p, problem.x1), problem.params)
+    out2 = out1 if problem.symmetric else jax.eval_shape(
+        problem.f, problem.params, problem.second)
+    kernels = []
+    for k, layout in enumerate(problem.layouts):
+      shape1, shape2 = problem.shapes1[k], problem.shapes2[k]
+      cts = _param_cotangents(problem, k, out2)
+      columns = jax.vmap(lambda ct: jax.tree_util.tree_leaves(jvp1(ct))[k])(cts)
+      full = columns.reshape(shape2 + shape1)
+      full = jnp.moveaxis(full, tuple(range(len(shape2))),
+                          tuple(range(len(shape1), len(shape1) + len(shape2))))
+      kernels.append(apply_layout(full, layout, shape1))
+  return kernels
