@@ -159,6 +159,9 @@ class NTKFunction:
 
 def _solve(plan: Plan) -> list[jax.Array]:
   problem, method = plan.problem, _IMPLEMENTATIONS[plan.method]
+  if not jax.tree_util.tree_leaves(problem.params):  # nothing to differentiate
+    return [jnp.zeros(l.kernel_shape(s1, s2))
+            for l, s1, s2 in zip(problem.layouts, problem.shapes1, problem.shapes2)]
   if problem.batch_independent and all(
       0 in l.trace + l.diagonal for l in problem.layouts):
     return _paired_examples(problem, method)

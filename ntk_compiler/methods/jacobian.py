@@ -25,18 +25,15 @@ def jacobian_ntk(problem: Problem) -> list[jax.Array]:
     jac2 = jac1 if problem.symmetric else jacobians(problem, problem.x2)
   kernels = []
   for k, layout in enumerate(problem.layouts):
-    shape1, shape2 = problem.shapes1[k], problem.shapes2[k]
+    shape1 = problem.shapes1[k]
     side1, side2, result = layout.indices()
     first = layout.num_indices
-    kernel = None
     with jax.named_scope("ntk/contract"):
+      terms = []
       for w1, w2 in zip(jax.tree_util.tree_leaves(jac1[k]),
                         jax.tree_util.tree_leaves(jac2[k])):
         w_idx = list(range(first, first + w1.ndim - layout.ndim))
-        term = jnp.einsum(w1, side1 + w_idx, w2, side2 + w_idx, result,
-                          precision=PRECISION)
-        kernel = term if kernel is None else kernel + term
-    if kernel is None:  # f has no parameters
-      kernel = jnp.zeros(layout.kernel_shape(shape1, shape2))
-    kernels.append(kernel / layout.trace_size(shape1))
+        terms.append(jnp.einsum(w1, side1 + w_idx, w2, side2 + w_idx, result,
+                                precision=PRECISION))
+      kernels.append(sum(terms[1:], terms[0]) / layout.trace_size(shape1))
   return kernels

@@ -1,0 +1,90 @@
+"""Methods side by side on the reference models; prints times and ratios from one run.
+
+    python benchmarks/bench_methods.py [--methods jacobian,ntk_vp] [--repeats 5]
+
+Every method is timed in this process on the same inputs: the ratios, not the absolute
+times, are what to compare across machines.
+"""
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import ntk_compiler as nc
+
+
+def mlp(key, width=512, depth=3, inputs=64, outputs=10, n=32):
+  sizes = [inputs] + [width] * depth + [outputs]
+  keys = jax.random.split(key, len(sizes))
+  params = [{"w": jax.random.normal(k, (a, b)) / np.sqrt(a), "b": jnp.zeros(b)}
+            for k, a, b in zip(keys, sizes[:-1], sizes[1:])]
+
+  def f(params, x):
+    for layer in params[:-1]:
+      x = jax.nn.relu(x @ layer["w"] + layer["b"])
+    return x @ params[-1]["w"] + params[-1]["b"]
+  return f, params, jax.random.normal(keys[-1], (n, inputs))
+
+
+def cnn(key, channels=32, image=16, outputs=10, n=16):
+  k = jax.random.split(key, 4)
+  params = {"c1": jax.random.normal(k[0], (3, 3, 3, channels)) / 3,
+            "c2": jax.random.normal(k[1], (3, 3, channels, channels)) / (3 * channels ** .5),
+            "w": jax.random.normal(k[2], (channels, outputs)) / channels ** .5}
+
+  def f(params, x):
+    dn = ("NHWC", "HWIO", "NHWC")
+    y = jax.nn.relu(jax.lax.conv_general_dilated(x, params["c1"], (1, 1), "SAME",
+                                                 dimension_numbers=dn))
+    y = jax.nn.relu(jax.lax.conv_general_dilated(y, params["c2"], (2, 2), "SAME",
+                                                 dimension_numbers=dn))
+    return y.mean(axis=(1, 2)) @ params["w"]
+  return f, params, jax.random.normal(k[3], (n, image, image, 3))
+
+
+MODELS = {"mlp 3x512, O=10, N=32, full kernel": mlp,
+          "cnn 2 conv x32ch 16x16, O=10, N=16, full kernel": cnn}
+
+
+def bench(fn, args, repeats):
+  start = time.perf_counter()
+  out = jax.block_until_ready(fn(*args))
+  first = time.perf_counter() - start
+  runs = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    runs.append(time.perf_counter() - start)
+  return out, first, float(np.median(runs))
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--methods", default=",".join(
+      m for m in nc.METHODS if m not in ("auto", "structured")))
+  parser.add_argument("--repeats", type=int, default=5)
+  args = parser.parse_args()
+  methods = args.methods.split(",")
+  print(f"JAX {jax.__version__}, {jax.devices()[0].device_kind}")
+  for name, make in MODELS.items():
+    f, params, x = make(jax.random.PRNGKey(0))
+    print(f"\n{name}")
+    times, reference = {}, None
+    for method in methods:
+      ntk_fn = nc.compile_ntk(f, method=method, trace_axes=(), batch_independent=True)
+      theta, first, run = bench(ntk_fn, (params, x), args.repeats)
+      reference = theta if reference is None else reference
+      err = float(jnp.max(jnp.abs(theta - reference)) / jnp.max(jnp.abs(reference)))
+      times[method] = run
+      print(f"  {method:10s} compile+run {first * 1e3:9.1f} ms   run {run * 1e3:9.2f} ms"
+            f"   max rel. diff vs {methods[0]} {err:.1e}")
+    base = methods[0]
+    for method in methods[1:]:
+      print(f"  {base} / {method}: {times[base] / times[method]:.2f}x")
+
+
+if __name__ == "__main__":
+  main()

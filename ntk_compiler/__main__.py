@@ -1,0 +1,3 @@
+from ntk_compiler.cli import main
+
+main()

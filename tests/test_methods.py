@@ -1,0 +1,88 @@
+"""Every method against the float64 brute-force oracle, over the model zoo and the axes grid."""
+
+import functools
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+import ntk_compiler as nc
+from models import ZOO, mlp
+from oracle import assert_matches, oracle_ntk
+
+RTOL_F64 = 1e-10
+RTOL_F32 = 1e-4  # float32 rounding of O(100)-term sums of O(1) products
+
+TRACE = {2: [(), (-1,), (0, 1)], 3: [(), (-1,), (1, 2)]}
+DIAGONAL = [(), (1,), (0,)]
+METHODS = ["jacobian", "ntk_vp"]
+
+
+def _grid():
+  for model in ZOO:
+    for trace in TRACE[model.out_ndim]:
+      for diag in DIAGONAL:
+        if not set(a % model.out_ndim for a in trace) & set(diag):
+          yield pytest.param(model, trace, diag, id=f"{model.name}-t{trace}-d{diag}")
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(model, method, trace, diag, batch_independent):
+  """One NTK function per configuration, so hypothesis' draws reuse its compilations."""
+  return nc.compile_ntk(model.f, method=method, trace_axes=trace, diagonal_axes=diag,
+                        batch_independent=batch_independent)
+
+
+def _check(model, method, trace, diag, seed, n1, n2, with_x2, batch_independent,
+           dtype=jnp.float64, rtol=RTOL_F64):
+  if 0 in {a % model.out_ndim for a in trace + diag}:
+    n2 = n1  # traced / diagonal batch axes need equal batches
+  params, x1, x2 = model.draw(seed, n1, n2, dtype)
+  x2 = x2 if with_x2 else None
+  ntk_fn = _compiled(model, method, trace, diag, batch_independent)
+  kernel = ntk_fn(params, x1, x2)
+  expected = oracle_ntk(model.f, params, x1, x2, trace, diag)
+  assert_matches(kernel, expected, rtol)
+
+
+@pytest.mark.parametrize("with_x2", [True, False], ids=["x2", "no_x2"])
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("model, trace, diag", list(_grid()))
+@given(seed=st.integers(0, 2**16), independent=st.booleans())
+def test_matches_oracle_float64(model, trace, diag, method, with_x2, seed, independent):
+  _check(model, method, trace, diag, seed, 3, 2, with_x2,
+         batch_independent=independent and model.batch_independent)
+
+
+@pytest.mark.parametrize("method", METHODS + ["auto"])
+@pytest.mark.parametrize("model", ZOO, ids=lambda m: m.name)
+@given(seed=st.integers(0, 2**16), n1=st.sampled_from([1, 2, 4]),
+       n2=st.sampled_from([1, 3]), with_x2=st.booleans())
+def test_matches_oracle_batch_sizes(model, method, seed, n1, n2, with_x2):
+  _check(model, method, (-1,), (), seed, n1, n2, with_x2,
+         batch_independent=model.batch_independent)
+
+
+@pytest.mark.parametrize("method", METHODS + ["auto"])
+@pytest.mark.parametrize("model", ZOO, ids=lambda m: m.name)
+@given(seed=st.integers(0, 2**16), with_x2=st.booleans())
+def test_matches_oracle_float32(model, method, seed, with_x2):
+  _check(model, method, (-1,), (), seed, 3, 2, with_x2,
+         batch_independent=model.batch_independent, dtype=jnp.float32, rtol=RTOL_F32)
+
+
+@pytest.mark.parametrize("method", ["jacobian", "ntk_vp"])
+def test_symmetric_kernel_is_symmetric(method):
+  model = mlp()
+  params, x1, _ = model.draw(0, 4, 4, jnp.float64)
+  kernel = np.asarray(nc.compile_ntk(model.f, method=method, trace_axes=())(params, x1))
+  np.testing.assert_allclose(kernel, kernel.transpose(1, 0, 3, 2), rtol=1e-12)
+
+
+def test_batch_mixing_model_needs_no_promise():
+  """A model whose examples interact gets the exact kernel by default."""
+  model = [m for m in ZOO if not m.batch_independent][0]
+  params, x1, x2 = model.draw(1, 4, 3, jnp.float64)
+  kernel = nc.compile_ntk(model.f, trace_axes=())(params, x1, x2)
+  assert_matches(kernel, oracle_ntk(model.f, params, x1, x2, ()), RTOL_F64)
