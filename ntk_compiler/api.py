@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from ntk_compiler import analysis, emit, inspect, trace
 from ntk_compiler import axes as axes_lib
 from ntk_compiler import cost
+from ntk_compiler import rules as rules_lib
 from ntk_compiler.methods import Problem, jacobian_ntk, ntk_vp_ntk
 
 METHODS = ("auto", "structured", "jacobian", "ntk_vp")
@@ -25,6 +27,8 @@ def compile_ntk(
     trace_axes: int | Sequence[int] = (-1,),
     diagonal_axes: int | Sequence[int] = (),
     batch_independent: bool | None = None,
+    rules: Mapping[Any, Any] | None = None,
+    strict: bool = False,
 ) -> NTKFunction:
   """Compiles the empirical Neural Tangent Kernel of `f`.
 
@@ -45,6 +49,10 @@ def compile_ntk(
     batch_independent: True promises that f treats the examples on axis 0
       independently, which enables the per-example fast path. None and False assume
       nothing: the kernel is exact even if f mixes examples (e.g. a batch mean).
+    rules: structure rules to use on top of the registered ones, keyed by Primitive
+      object (a value of None switches a default rule off).
+    strict: with the structured method, raise instead of falling back to a dense
+      Jacobian where a parameter reaches a primitive that has no rule.
 
   Returns:
     An `NTKFunction`; call it as `ntk_fn(params, x1)` or `ntk_fn(params, x1, x2)`.
@@ -54,7 +62,8 @@ def compile_ntk(
   Raises:
     ValueError: unknown `method`, or axes named twice or both traced and diagonal.
     TypeError: `f` not callable, or axes / `batch_independent` of the wrong type.
-    NotImplementedError: `method="structured"`, until the structured engine lands.
+    NotImplementedError: `strict=True` and a parameter use has no structure rule
+      (raised when the kernel is first computed).
 
   Example:
     >>> import jax, jax.numpy as jnp, ntk_compiler as nc
@@ -67,25 +76,33 @@ def compile_ntk(
     raise TypeError(f"f must be a callable f(params, x), got {type(f).__name__}.")
   if not isinstance(method, str) or method not in METHODS:
     raise ValueError(f"method={method!r} is not one of {', '.join(map(repr, METHODS))}.")
-  if method == "structured":
-    raise NotImplementedError(
-        "method='structured' (structured derivatives: the jaxpr rewrite engine, its "
-        "rule registry and the core rules) is not implemented yet; use method='auto', "
-        "'jacobian' or 'ntk_vp'.")
   if batch_independent is not None and not isinstance(batch_independent, bool):
     raise TypeError(
         f"batch_independent must be True, False or None, got {batch_independent!r}.")
   trace = axes_lib.normalize_axes(trace_axes, "trace_axes")
   diagonal = axes_lib.normalize_axes(diagonal_axes, "diagonal_axes")
   axes_lib.check_disjoint(trace, diagonal)
-  return NTKFunction(f, method, trace, diagonal, bool(batch_independent))
+  table = rules_lib.registry(rules)
+  return NTKFunction(f, method, trace, diagonal, bool(batch_independent), table,
+                     bool(strict))
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-  """What an NTK function decided for one input signature."""
+  """What an NTK function decided for one input signature.
+
+  Attributes:
+    method: the method that computes the kernel ("auto" resolved).
+    problem: f, its arguments and the layout of each output leaf's kernel.
+    engine: the structured-derivatives plan (uses, cuts, factors), when one was built.
+    engine2: the plan at x2's signature when it differs from x1's (whole-batch mode).
+  """
   method: str
   problem: Problem
+  engine: analysis.Plan | None = None
+  engine2: analysis.Plan | None = None
+  estimate: Estimate | None = None
+  reason: str = ""
 
 
 class NTKFunction:
@@ -96,8 +113,11 @@ class NTKFunction:
   """
 
   def __init__(self, f, method: str, trace_axes: tuple[int, ...],
-               diagonal_axes: tuple[int, ...], batch_independent: bool):
+               diagonal_axes: tuple[int, ...], batch_independent: bool,
+               rules: Mapping[Any, Any], strict: bool):
     self.f = f
+    self.rules = rules
+    self.strict = strict
     self.method = method
     self.trace_axes = trace_axes
     self.diagonal_axes = diagonal_axes
@@ -116,6 +136,29 @@ class NTKFunction:
   def plan(self, params: Any, x1: Any, x2: Any = None) -> Plan:
     """The method chosen and the problem solved for these arguments' signature."""
     return self._plan(params, x1, x2)
+
+  def explain(self, params: Any, x1: Any, x2: Any = None) -> inspect.Explanation:
+    """What this NTK function does for these arguments' signature.
+
+    Returns an `Explanation`: the method (and why), the FLOP estimates of each method,
+    and for every parameter leaf its uses (the rules composed, the factors, where the
+    cotangent is taken and why, dense fallbacks flagged) and how its term is
+    contracted. `print()` it for a readable report.
+    """
+    plan = self._plan(params, x1, x2)
+    engine, estimate = plan.engine, plan.estimate
+    leaves = () if engine is None else inspect.leaf_reports(
+        engine, _paths(params), estimate.kinds, estimate.leaf_flops)
+    return inspect.Explanation(plan.method, plan.reason, self.batch_independent,
+                               dict(estimate.flops), leaves)
+
+  def jaxpr(self, params: Any, x1: Any, x2: Any = None):
+    """The NTK program built for these arguments, as a jaxpr."""
+    return jax.make_jaxpr(self._compute)(params, x1, x2)
+
+  def lower(self, params: Any, x1: Any, x2: Any = None):
+    """JAX's `Lowered` for these arguments: `.as_text()`, `.compile()`, cost analysis."""
+    return self._jitted.lower(params, x1, x2)
 
   def _compute(self, params, x1, x2):
     plan = self._plan(params, x1, x2)
@@ -153,15 +196,56 @@ class NTKFunction:
         f=self.f, params=params, x1=x1, x2=x2, out_tree=out_tree,
         shapes1=tuple(l.shape for l in leaves1), shapes2=tuple(l.shape for l in leaves2),
         layouts=tuple(layouts), batch_independent=self.batch_independent)
-    method = self.method if self.method != "auto" else _choose(problem)
-    return Plan(method, problem)
+    engine = engine2 = None
+    if self.method in ("structured", "auto") and jax.tree_util.tree_leaves(params):
+      engine = self._engine_plan(params, x1)
+      if not (x2 is None or self.batch_independent or _same_signature(x1, x2)):
+        engine2 = self._engine_plan(params, x2)
+    estimate = _estimate(problem, engine, engine2)
+    if self.method == "auto":
+      method = min(estimate.flops, key=estimate.flops.get)
+      reason = "auto: the lowest estimated FLOPs"
+    else:
+      method, reason = self.method, "as requested"
+    return Plan(method, problem, engine, engine2, estimate, reason)
+
+  def _engine_plan(self, params, x) -> analysis.Plan:
+    program = trace.trace_program(self.f, params, x, self.batch_independent)
+    engine = analysis.plan(program.jaxpr, program.consts, program.num_params,
+                           x_dependent=True, rules=self.rules)
+    if self.strict:
+      _raise_on_fallbacks(engine, params)
+    return engine
+
+
+def _same_signature(a, b) -> bool:
+  sig = lambda t: [(jnp.shape(l), jnp.result_type(l)) for l in jax.tree_util.tree_leaves(t)]
+  return sig(a) == sig(b)
+
+
+def _raise_on_fallbacks(engine: analysis.Plan, params) -> None:
+  paths = _paths(params)
+  for use in engine.uses:
+    if use.dense:
+      raise NotImplementedError(
+          f"strict=True: params{paths[use.view.leaf]} has no structured path: its "
+          f"cotangent is taken {use.cut.reason}. Register a rule for that primitive "
+          "(nc.register_rule) or pass strict=False to use a dense Jacobian there.")
 
 
 def _solve(plan: Plan) -> list[jax.Array]:
-  problem, method = plan.problem, _IMPLEMENTATIONS[plan.method]
+  problem = plan.problem
   if not jax.tree_util.tree_leaves(problem.params):  # nothing to differentiate
     return [jnp.zeros(l.kernel_shape(s1, s2))
             for l, s1, s2 in zip(problem.layouts, problem.shapes1, problem.shapes2)]
+  if plan.method == "structured":
+    leaves = jax.tree_util.tree_leaves
+    return emit.structured_ntk(
+        plan.engine, plan.engine2, leaves(problem.params), leaves(problem.x1),
+        None if problem.symmetric else leaves(problem.x2), problem.layouts,
+        problem.shapes1, problem.shapes2, problem.batch_independent,
+        plan.estimate.materialise)
+  method = _IMPLEMENTATIONS[plan.method]
   if problem.batch_independent and all(
       0 in l.trace + l.diagonal for l in problem.layouts):
     return _paired_examples(problem, method)
@@ -183,8 +267,8 @@ def _paired_examples(problem: Problem, method) -> list[jax.Array]:
           for k, layout in zip(per_pair, problem.layouts)]
 
 
-def _choose(problem: Problem) -> str:
-  """Jacobian contraction or NTK-vector products, by estimated FLOPs."""
+def _estimate(problem: Problem, engine, engine2) -> Estimate:
+  """FLOP estimates of every available method, from shapes alone."""
   def flops(x):
     abstract = jax.tree_util.tree_map(
         lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)),
@@ -201,9 +285,36 @@ def _choose(problem: Problem) -> str:
   contraction = sum(
       _prod(l.kernel_shape(s1, s2)) * l.trace_size(s1) * num_params
       for l, s1, s2 in zip(problem.layouts, problem.shapes1, problem.shapes2))
-  jacobian = 3 * (size1 * per1 + (0 if problem.symmetric else size2 * per2)) + contraction
-  ntk_vp = 3 * size2 * (fp1 + per2)
-  return "jacobian" if jacobian <= ntk_vp else "ntk_vp"
+  # One reverse pass per output entry costs ~3 forward passes.
+  cotangents = 3 * (size1 * per1 + (0 if problem.symmetric else size2 * per2))
+  estimates = {"jacobian": cotangents + contraction, "ntk_vp": 3 * size2 * (fp1 + per2)}
+  if engine is None:
+    return Estimate(estimates, frozenset(), {}, {})
+  materialise, kinds, leaf_flops = set(), {}, {}
+  structured = cotangents
+  for leaf in range(engine.num_params):
+    if not engine.uses_of(leaf):
+      continue
+    pair = mat = 0
+    for layout, s1, s2 in zip(problem.layouts, problem.shapes1, problem.shapes2):
+      p, m = analysis.leaf_costs(engine, engine2 or engine, leaf, layout, s1, s2,
+                                 problem.batch_independent, problem.symmetric)
+      pair, mat = pair + p, mat + m
+    if mat < pair:
+      materialise.add(leaf)
+    kinds[leaf] = "materialised" if mat < pair else "pairwise"
+    leaf_flops[leaf] = min(pair, mat)
+    structured += min(pair, mat)
+  estimates["structured"] = structured
+  return Estimate(estimates, frozenset(materialise), kinds, leaf_flops)
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+  flops: dict[str, float]
+  materialise: frozenset
+  kinds: dict[int, str]
+  leaf_flops: dict[int, int]
 
 
 def _prod(shape) -> int:

@@ -110,6 +110,18 @@ class Layout:
         i += 2
     return side1, side2, result
 
+  def mirror_perm(self) -> tuple[int, ...]:
+    """The kernel-axis permutation that swaps x1 and x2 (transposes every pair)."""
+    perm, pos = [], 0
+    for axis in range(self.ndim):
+      if axis in self.diagonal:
+        perm.append(pos)
+        pos += 1
+      elif axis not in self.trace:
+        perm += [pos + 1, pos]
+        pos += 2
+    return tuple(perm)
+
   @property
   def num_indices(self) -> int:
     return 2 * self.ndim - len(self.trace) - len(self.diagonal)

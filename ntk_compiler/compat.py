@@ -36,3 +36,54 @@ def trip_count(eqn: Any) -> int:
   if eqn.primitive is jax.lax.scan_p:
     return int(eqn.params["length"])
   return 1
+
+
+def bind_eqn(eqn: Any, invals: list) -> list:
+  """Applies an equation's primitive to `invals`, as `jax.core.eval_jaxpr` does."""
+  params = eqn.primitive.get_bind_params(eqn.params)
+  with eqn.ctx.manager:
+    out = eqn.primitive.bind(*invals, **params)
+  return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def read_atom(env: dict, atom: Any) -> Any:
+  return atom.val if isinstance(atom, Literal) else env[atom]
+
+
+def aval_of(x: Any) -> Any:
+  """The abstract value of an array (`jax.typeof` where it exists)."""
+  typeof = getattr(jax, "typeof", None)
+  return typeof(x) if typeof is not None else jax.core.get_aval(x)
+
+
+def _call_primitives() -> dict:
+  from jax.extend.core import primitives as p
+  table = {p.jit_p: "jaxpr", p.closed_call_p: "call_jaxpr", p.remat_p: "jaxpr",
+           p.call_p: "call_jaxpr"}
+  return table
+
+
+_CALLS: dict | None = None
+
+
+def call_body(eqn: Any) -> tuple[Any, list] | None:
+  """(open jaxpr, consts) of a call-like equation we may inline (jit, closed_call,
+  remat / checkpoint, call); None for any other equation."""
+  global _CALLS
+  if _CALLS is None:
+    _CALLS = _call_primitives()
+  key = _CALLS.get(eqn.primitive)
+  if key is None or key not in eqn.params:
+    return None
+  body = eqn.params[key]
+  inner = open_jaxpr(body)
+  if len(inner.invars) != len(eqn.invars) or len(inner.outvars) != len(eqn.outvars):
+    return None
+  return inner, list(getattr(body, "consts", None) or [])
+
+
+def custom_derivative_primitives() -> frozenset:
+  """Calls with user-defined derivatives (custom_jvp / custom_vjp), kept opaque."""
+  from jax.extend.core import primitives as p
+  names = ("custom_jvp_call_p", "custom_vjp_call_p", "custom_vjp_call_jaxpr_p")
+  return frozenset(getattr(p, n) for n in names if hasattr(p, n))

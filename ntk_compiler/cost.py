@@ -39,3 +39,18 @@ def jaxpr_flops(jaxpr) -> int:
     else:
       total += eqn_flops(eqn)
   return total
+
+
+def einsum_flops(operand_labels, result, sizes) -> int:
+  """FLOPs of an einsum along the contraction order `jnp.einsum` would pick."""
+  import opt_einsum  # a dependency of jax
+
+  symbol = {l: opt_einsum.get_symbol(i) for i, l in enumerate(
+      dict.fromkeys(l for labels in operand_labels for l in labels))}
+  expr = ",".join("".join(symbol[l] for l in labels) for labels in operand_labels)
+  expr += "->" + "".join(symbol[l] for l in result)
+  shapes = [tuple(sizes[l] for l in labels) for labels in operand_labels]
+  if len(shapes) == 1:
+    return math.prod(shapes[0])
+  _, info = opt_einsum.contract_path(expr, *shapes, shapes=True, optimize="auto")
+  return int(info.opt_cost)

@@ -1,0 +1,355 @@
+"""Follow each parameter leaf to the points where its cotangent is taken.
+
+A parameter leaf flows through the jaxpr as a *view*: an einsum-form linear map
+w ↦ v = scale · Σ (Π factors) · w, written with integer labels. Every equation with a
+rule for that operand composes its `Structure` into the view (transposes, casts,
+broadcasts, scalings, a matmul, a convolution...); the view stops at an edge into an
+equation that has no rule, is nonlinear in it, or would add a second per-example factor.
+There the engine takes the cotangent ∂f/∂v (a *cut*), and the parameter's NTK term is an
+einsum of the two sides' cotangents and factors. Nothing here touches array values: the
+plan depends on shapes and dtypes only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax.numpy as jnp
+
+from ntk_compiler import compat, cost
+from ntk_compiler import rules as rules_lib
+from ntk_compiler.rules import EqnInfo, RuleResult
+
+Path = tuple[int, ...]
+Edge = tuple  # (path, operand index) into an equation, or ("out", k) into f's outputs
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Factor:
+  """A factor array of a view, computed at run time from one equation's operands."""
+  id: int
+  path: Path
+  fn: Callable[..., Any]
+  labels: tuple[int, ...]
+  batched: bool  # depends on the example (per-example mode: carries the example axis)
+  rule: str
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class View:
+  """v = scale · einsum(factors, w_base) with labels; w_base = base-transformed leaf."""
+  leaf: int
+  base: tuple  # (("transpose", perm), ("reshape", shape), ...) taking the leaf to w_base
+  base_shape: tuple[int, ...]
+  w_labels: tuple[int, ...]
+  labels: tuple[int, ...]
+  factors: tuple[Factor, ...]
+  scale: float
+  steps: tuple[str, ...]  # the primitives composed, for explain()
+
+  @property
+  def per_example_factors(self) -> int:
+    return sum(f.batched for f in self.factors)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Cut:
+  """Where a cotangent is taken: a value, perturbed on the edges listed."""
+  id: int
+  shape: tuple[int, ...]
+  dtype: Any
+  edges: frozenset
+
+
+@dataclasses.dataclass(frozen=True)
+class Use:
+  """One use of a parameter leaf: its view up to the cut where its cotangent is taken."""
+  view: View
+  cut: Cut
+  reason: str     # why the view stops where it does
+  fallback: bool  # stopped by a primitive without a rule (or declined), not by
+                  # nonlinearity, a second per-example factor or an output
+
+  @property
+  def dense(self) -> bool:
+    """A fallback before any structure applied: the Jacobian-contraction cost."""
+    return self.fallback and all(not f.labels for f in self.view.factors)
+
+
+@dataclasses.dataclass
+class Plan:
+  """What the engine does for one signature: uses of each leaf, cuts, factors."""
+  jaxpr: Any
+  consts: list
+  num_params: int
+  leaf_shapes: tuple[tuple[int, ...], ...]
+  uses: list[Use]
+  cuts: list[Cut]
+  factors: dict[Path, list[tuple[Factor, int]]]  # eqn path -> factors computed there
+  edge_cuts: dict[Edge, list[int]]                 # edge -> cut ids perturbing it
+  inline: set                                      # paths of call equations inlined
+  label_sizes: dict[int, int]                      # size of every view label
+
+  def uses_of(self, leaf: int) -> list[Use]:
+    return [u for u in self.uses if u.view.leaf == leaf]
+
+
+def plan(jaxpr, consts, num_params: int, x_dependent: bool,
+         rules: Mapping[Any, Callable]) -> Plan:
+  """Analyses `jaxpr` (invars: the parameter leaves, then the inputs)."""
+  builder = _Builder(rules)
+  in_views = [[builder.root(i, v.aval.shape)] if i < num_params else []
+              for i, v in enumerate(jaxpr.invars)]
+  in_dep = [i >= num_params and x_dependent for i in range(len(jaxpr.invars))]
+  out_views = builder.walk(jaxpr, in_views, in_dep, [False] * len(jaxpr.constvars), ())
+  for k, views in enumerate(out_views):
+    for view in views:
+      builder.pending.append(((("out",), jaxpr.outvars[k]), view, ("out", k),
+                              "at an output of f", False))
+  builder.close()
+  return Plan(jaxpr, consts, num_params,
+              tuple(tuple(v.aval.shape) for v in jaxpr.invars[:num_params]),
+              builder.uses, builder.cuts, builder.factor_sites, builder.edge_cuts,
+              builder.inline, builder.sizes)
+
+
+class _Builder:
+
+  def __init__(self, rules):
+    self.rules = rules
+    self.labels = itertools.count()
+    self.ids = itertools.count()
+    self.pending = []  # (var key, view, edge, reason)
+    self.uses, self.cuts = [], []
+    self.factor_sites: dict[Path, list] = {}
+    self.edge_cuts: dict[Edge, list[int]] = {}
+    self.inline: set = set()
+    self.sizes: dict[int, int] = {}
+
+  def fresh(self) -> int:
+    return next(self.labels)
+
+  def _size_labels(self, labels, shape) -> None:
+    for l, n in zip(labels, shape):
+      self.sizes[l] = int(n)
+
+  def root(self, leaf: int, shape) -> View:
+    labels = tuple(self.fresh() for _ in shape)
+    self._size_labels(labels, shape)
+    return View(leaf, (), tuple(shape), labels, labels, (), 1.0, ())
+
+  def walk(self, jaxpr, in_views, in_dep, const_dep, prefix: Path):
+    views: dict = {}
+    dep: dict = {}
+    for v, vs, d in zip(jaxpr.invars, in_views, in_dep):
+      views[v], dep[v] = list(vs), d
+    for v, d in zip(jaxpr.constvars, const_dep):
+      views[v], dep[v] = [], d
+
+    def read(atom):
+      if isinstance(atom, compat.Literal):
+        return [], False
+      return views.get(atom, []), dep.get(atom, False)
+
+    for i, eqn in enumerate(jaxpr.eqns):
+      path = prefix + (i,)
+      op_views, op_dep = zip(*[read(a) for a in eqn.invars]) if eqn.invars else ((), ())
+      out_dep = any(op_dep)
+      for v in eqn.outvars:
+        views[v], dep[v] = [], out_dep
+      if not any(op_views):
+        continue
+      body = compat.call_body(eqn)
+      if body is not None:
+        inner, inner_consts = body
+        self.inline.add(path)
+        outs = self.walk(inner, list(op_views), list(op_dep),
+                         [False] * len(inner.constvars), path)
+        for v, vs in zip(eqn.outvars, outs):
+          views[v] = vs
+        continue
+      self._consume(eqn, path, op_views, op_dep, views, prefix)
+    return [read(v)[0] for v in jaxpr.outvars]
+
+  def _consume(self, eqn, path, op_views, op_dep, views, prefix):
+    rule = self.rules.get(eqn.primitive)
+    info = EqnInfo(eqn.primitive, eqn.params, tuple(a.aval for a in eqn.invars),
+                   tuple(v.aval for v in eqn.outvars))
+    for operand, (atom, vs) in enumerate(zip(eqn.invars, op_views)):
+      if not vs:
+        continue
+      result = None
+      if eqn.primitive in rules_lib.NONLINEAR or _elementwise_custom(eqn):
+        stop = (f"before {eqn.primitive} (nonlinear)", False)
+      elif rule is None:
+        stop = (f"before {eqn.primitive}: no rule for it", True)
+      elif len(eqn.outvars) != 1:
+        stop = (f"before {eqn.primitive}: it has several outputs", True)
+      else:
+        result = rule(info, operand)
+        stop = (f"before {eqn.primitive}: its rule declines operand {operand}", True)
+      for view in vs:
+        new, why = (None, None) if result is None else self._compose(
+            view, result, eqn, operand, path, op_dep)
+        if new is None:
+          reason, fallback = stop if why is None else (
+              f"before {eqn.primitive}: {why}", False)
+          self.pending.append(((prefix, atom), view, (path, operand), reason, fallback))
+        else:
+          views[eqn.outvars[0]].append(new)
+
+  def _compose(self, view: View, result: RuleResult, eqn, operand, path, op_dep):
+    y_shape = tuple(eqn.outvars[0].aval.shape)
+    name = str(eqn.primitive)
+    if result.rebase:
+      return self._rebase(view, y_shape, name)
+    structure = result.structure
+    w_shape = tuple(eqn.invars[operand].aval.shape)
+    structure.validate(y_shape, w_shape, f"rule for {eqn.primitive}")
+    batched = any(op_dep[j] for j in result.reads)
+    if batched and view.per_example_factors:
+      return None, "it would add a second per-example factor"
+    y_labels, f_labels = structure.labels(view.labels, len(y_shape), self.fresh)
+    self._size_labels(y_labels, y_shape)
+    factor = Factor(next(self.ids), path, result.factor, tuple(f_labels), batched, name)
+    self.factor_sites.setdefault(path, []).append((factor, operand))
+    # Labels summed away with nothing left to carry them multiply by their size.
+    scale = view.scale
+    gone = set(view.labels) - set(y_labels) - set(f_labels)
+    kept = set(view.w_labels).union(*(f.labels for f in view.factors))
+    for b in structure.w_tiled:
+      if view.labels[b] in gone and view.labels[b] not in kept:
+        scale *= w_shape[b]
+    return dataclasses.replace(
+        view, labels=tuple(y_labels), factors=view.factors + (factor,), scale=scale,
+        steps=view.steps + (name,)), None
+
+  def _rebase(self, view: View, y_shape, name):
+    pure = (sorted(view.labels) == sorted(view.w_labels)
+            and all(not f.labels for f in view.factors))
+    if not pure:
+      return None, "it re-indexes a view that carries factors"
+    perm = tuple(view.w_labels.index(l) for l in view.labels)
+    labels = tuple(self.fresh() for _ in y_shape)
+    self._size_labels(labels, y_shape)
+    base = view.base + (("transpose", perm), ("reshape", tuple(y_shape)))
+    return dataclasses.replace(view, base=base, base_shape=tuple(y_shape),
+                               w_labels=labels, labels=labels,
+                               steps=view.steps + (name,)), None
+
+  def close(self):
+    """Groups pending cuts: one cut per (value, edge set), shared by its views."""
+    per_value: dict = {}
+    for (prefix, atom), view, edge, reason, fallback in self.pending:
+      _, per_view = per_value.setdefault((prefix, id(atom)), (atom, {}))
+      per_view.setdefault(id(view), (view, set(), reason, fallback))[1].add(edge)
+    for atom, per_view in per_value.values():
+      groups: dict = {}
+      for view, edges, reason, fallback in per_view.values():
+        groups.setdefault(frozenset(edges), []).append((view, reason, fallback))
+      for edges, members in groups.items():
+        cut = Cut(next(self.ids), tuple(atom.aval.shape), atom.aval.dtype, edges)
+        self.cuts.append(cut)
+        for e in edges:
+          self.edge_cuts.setdefault(e, []).append(cut.id)
+        self.uses += [Use(view, cut, reason, fallback) for view, reason, fallback in members]
+
+
+_CUSTOM = compat.custom_derivative_primitives()
+
+
+def _elementwise_custom(eqn) -> bool:
+  """A custom-derivative call that maps an array elementwise (relu, gelu, ...): kept
+  opaque so that its own derivative rule is used, and no structure is lost by that."""
+  if eqn.primitive not in _CUSTOM or len(eqn.outvars) != 1:
+    return False
+  shape = eqn.outvars[0].aval.shape
+  return all(a.aval.shape in (shape, ()) for a in eqn.invars)
+
+
+class Labels:
+  """Einsum labels of one contraction: consecutive ints handed out on first request."""
+
+  def __init__(self, start: int):
+    self._ids: dict = {}
+    self._next = itertools.count(start)
+
+  def __call__(self, key) -> int:
+    if key not in self._ids:
+      self._ids[key] = next(self._next)
+    return self._ids[key]
+
+
+@dataclasses.dataclass(frozen=True)
+class Operand:
+  """One einsum operand of a use: its cotangent ("ct", cut id) or a factor ("factor", id)."""
+  kind: str
+  id: int
+  labels: tuple[int, ...]
+  shape: tuple[int, ...]
+
+
+def operands(plan: Plan, use: Use, side_labels: list[int], out_shape, tag: str,
+             labels: Labels, per_example: bool) -> list[Operand]:
+  """The cotangent and factors of one side of a use, labelled for a pair contraction.
+
+  The w labels are named by axis position, so both sides of a pair share them; every
+  other label is private to its side (`tag`). `side_labels` label the output axes,
+  whose sizes are `out_shape`.
+  """
+  view = use.view
+  w_pos = {l: i for i, l in enumerate(view.w_labels)}
+  name = lambda l: labels(("w", w_pos[l]) if l in w_pos else (tag, l))
+  ops = [Operand("ct", use.cut.id, tuple(side_labels) + tuple(name(l) for l in view.labels),
+                 tuple(out_shape) + use.cut.shape)]
+  for f in view.factors:
+    batched = per_example and f.batched
+    prefix = tuple(side_labels[:1]) if batched else ()
+    shape = (tuple(out_shape[:1]) if batched else ()) + tuple(
+        plan.label_sizes[l] for l in f.labels)
+    ops.append(Operand("factor", f.id, prefix + tuple(name(l) for l in f.labels), shape))
+  return ops
+
+
+def _sizes(ops: list[Operand]) -> dict[int, int]:
+  return {l: n for o in ops for l, n in zip(o.labels, o.shape)}
+
+
+def leaf_costs(plan1: Plan, plan2: Plan, leaf: int, layout, shape1, shape2,
+               per_example: bool, symmetric: bool) -> tuple[int, int]:
+  """FLOPs of a leaf's term (pairwise structured, materialised) for one output leaf."""
+  s1, s2, result = layout.indices()
+  uses1, uses2 = plan1.uses_of(leaf), plan2.uses_of(leaf)
+  pairwise = 0
+  for i, u in enumerate(uses1):
+    for j, v in enumerate(uses2):
+      if symmetric and j < i:
+        continue
+      labels = Labels(layout.num_indices)
+      ops = (operands(plan1, u, s1, shape1, "1", labels, per_example)
+             + operands(plan2, v, s2, shape2, "2", labels, per_example))
+      pairwise += cost.einsum_flops([o.labels for o in ops], result, _sizes(ops))
+  w_size = math.prod(plan1.leaf_shapes[leaf])
+  materialised = math.prod(layout.kernel_shape(shape1, shape2)) * layout.trace_size(
+      shape1) * w_size
+  for plan, uses, side, shape in ((plan1, uses1, s1, shape1), (plan2, uses2, s2, shape2)):
+    if symmetric and plan is plan2:
+      break
+    for u in uses:
+      labels = Labels(layout.num_indices)
+      ops = operands(plan, u, side, shape, "1", labels, per_example)
+      w_out = [labels(("w", i)) for i in range(len(u.view.base_shape))]
+      out = list(side) + [l for l in w_out if l in _sizes(ops)]
+      materialised += cost.einsum_flops([o.labels for o in ops], out, _sizes(ops))
+  return pairwise, materialised
+
+
+def absent_w_size(view: View, ops: list[Operand], labels: Labels) -> int:
+  """Product of the sizes of w axes no operand carries: the Jacobians are constant there."""
+  used = set(itertools.chain.from_iterable(o.labels for o in ops))
+  return math.prod(n for i, n in enumerate(view.base_shape)
+                   if labels(("w", i)) not in used)

@@ -1,0 +1,148 @@
+"""`check_rule`: a rule's factor against autodiff, its structure against the dense Jacobian."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ntk_compiler import compat
+from ntk_compiler import rules as rules_lib
+from ntk_compiler.structure import Structure, structure_violations
+
+
+class RuleCheckError(AssertionError):
+  """A rule's factor or declared structure disagrees with autodiff."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RuleCheck:
+  """What `check_rule` verified: the structure, and the largest error it saw."""
+  primitive: Any
+  operand: int
+  structure: Structure | None
+  max_error: float
+
+
+def check_rule(primitive: Any, fn: Callable[..., Any], *args: Any, argnum: int = 0,
+               rule=None, rules: Mapping | None = None,
+               atol: float | None = None) -> RuleCheck:
+  """Verifies the rule for `primitive` against `jax.jacfwd`, where `fn` applies it.
+
+  Traces `fn(*args)`, finds the one equation of `primitive` that `args[argnum]` flows
+  into directly, and at the operand values `fn` gives it checks that (1) the rule's
+  factor, expanded by its declared `Structure`, equals the dense Jacobian of that
+  equation's output with respect to that operand, and (2) the dense Jacobian itself has
+  the declared structure (zero off-diagonal on trace and diagonal pairs, equal blocks
+  along trace pairs, constant along tiled axes), independently of the factor.
+
+  Args:
+    primitive: the JAX Primitive, e.g. `jax.lax.dot_general_p`.
+    fn: a function applying `primitive` once to `args[argnum]` (other operands may be
+      computed from the other args, or be constants).
+    *args: arrays to call `fn` with.
+    argnum: which argument plays the parameter.
+    rule: the rule to check; default: the one registered (with `rules` overlaid).
+    rules: an overlay of rules, as for `compile_ntk(rules=...)`.
+    atol: absolute tolerance; default: 100 ulps of the output dtype times the largest
+      Jacobian entry.
+
+  Returns:
+    A `RuleCheck`; its structure is None when the rule declines (dense fallback).
+
+  Raises:
+    KeyError: no rule for `primitive`.
+    ValueError: `args[argnum]` does not flow into exactly one `primitive` equation.
+    RuleCheckError: the factor has the wrong shape or value, or the Jacobian violates
+      the declared structure.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, ntk_compiler as nc
+    >>> check = nc.check_rule(jax.lax.dot_general_p, lambda x, w: x @ w,
+    ...                       jnp.ones((2, 3)), jnp.ones((3, 4)), argnum=1)
+    >>> check.structure.trace
+    ((1, 1),)
+  """
+  if rule is None:
+    table = rules_lib.registry(rules)
+    if primitive not in table:
+      raise KeyError(f"no rule is registered for primitive {primitive}; register one "
+                     "with nc.register_rule or pass rule=.")
+    rule = table[primitive]
+  closed = jax.make_jaxpr(fn)(*args)
+  jaxpr = compat.open_jaxpr(closed)
+  target = jaxpr.invars[argnum]
+  env = dict(zip(jaxpr.constvars, closed.consts))
+  env.update(zip(jaxpr.invars, args))
+  found = []
+  for eqn in jaxpr.eqns:
+    invals = [compat.read_atom(env, v) for v in eqn.invars]
+    if eqn.primitive is primitive:
+      found += [(eqn, invals, i) for i, v in enumerate(eqn.invars) if v is target]
+    env.update(zip(eqn.outvars, compat.bind_eqn(eqn, invals)))
+  if len(found) != 1:
+    raise ValueError(f"check_rule needs args[{argnum}] to flow directly into exactly one "
+                     f"{primitive} equation of fn; found {len(found)}.")
+  return check_eqn(*found[0], rule, atol)
+
+
+def check_eqn(eqn, invals: list, operand: int, rule, atol: float | None = None
+              ) -> RuleCheck:
+  """`check_rule` for one equation of a jaxpr and its operand values."""
+  primitive = eqn.primitive
+  if primitive.multiple_results:
+    raise RuleCheckError(f"{primitive} has several outputs; check_rule checks "
+                         "single-output primitives.")
+  info = rules_lib.EqnInfo(primitive, dict(eqn.params),
+                           tuple(v.aval for v in eqn.invars),
+                           tuple(v.aval for v in eqn.outvars))
+  result = rule(info, operand)
+  if result is None:
+    return RuleCheck(primitive, operand, None, 0.0)
+  w = jnp.asarray(invals[operand])
+
+  def y_of(w_value):
+    ops = list(invals)
+    ops[operand] = w_value
+    return compat.bind_eqn(eqn, ops)[0]
+
+  out = y_of(w)
+  jac = np.asarray(jax.jacfwd(y_of)(w), np.float64)
+  eps = float(jnp.finfo(out.dtype).eps)
+  scale = max(1.0, float(np.max(np.abs(jac), initial=0)))
+  atol = 100 * eps * scale if atol is None else atol
+  where = f"rule for {primitive} (operand {operand})"
+  if result.rebase:
+    return _check_bijection(jac, out.shape, w.shape, where, atol, primitive, operand)
+  structure = result.structure
+  structure.validate(out.shape, w.shape, where)
+  factor = jnp.asarray(result.factor(*invals))
+  expected_shape = structure.factor_shape(out.shape, w.shape)
+  if factor.shape != expected_shape:
+    raise RuleCheckError(f"{where}: factor has shape {factor.shape}, but {structure} "
+                         f"for output {out.shape} and operand {w.shape} needs "
+                         f"{expected_shape}.")
+  dense = np.asarray(structure.expand(factor, out.shape, w.shape), np.float64)
+  error = float(np.max(np.abs(dense - jac), initial=0))
+  if error > atol:
+    raise RuleCheckError(f"{where}: the factor expanded by {structure} differs from "
+                         f"jax.jacfwd by {error:.3e} (tolerance {atol:.1e}).")
+  problems = structure_violations(jac, structure, out.ndim, atol)
+  if problems:
+    raise RuleCheckError(f"{where}: the Jacobian contradicts {structure}: "
+                         + "; ".join(problems))
+  return RuleCheck(primitive, operand, structure, error)
+
+
+def _check_bijection(jac, y_shape, w_shape, where, atol, primitive, operand):
+  m = jac.reshape(int(np.prod(y_shape)), int(np.prod(w_shape)))
+  ok = (m.shape[0] == m.shape[1] and np.all((np.abs(m) <= atol) | (np.abs(m - 1) <= atol))
+        and np.allclose(m.sum(0), 1, atol=atol) and np.allclose(m.sum(1), 1, atol=atol))
+  if not ok:
+    raise RuleCheckError(f"{where}: declared a re-indexing (rebase) but its Jacobian is "
+                         "not a permutation matrix.")
+  return RuleCheck(primitive, operand, None, 0.0)

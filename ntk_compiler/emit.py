@@ -1,0 +1,212 @@
+"""Plan -> one JAX function: cotangents at every cut, factors, structured contractions.
+
+For each side (x1, and x2 unless it is omitted) one forward pass evaluates f's jaxpr,
+perturbing each cut by a zero `eps` and computing the factors of every view; one backward
+pass, vmapped over a basis of the output space, gives ∂f/∂(cut) for every cut at once.
+Then each parameter leaf contributes, per pair of its uses, one einsum of
+(cotangent, factors) of side 1 with (factors, cotangent) of side 2, sharing the labels of
+the parameter's axes; output axes are traced and diagonalised inside that einsum.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ntk_compiler import analysis, compat
+from ntk_compiler.analysis import Plan, Use
+from ntk_compiler.axes import Layout
+
+PRECISION = jax.lax.Precision.HIGHEST
+
+
+def evaluate(plan: Plan, args: list, eps: dict) -> tuple[list, dict]:
+  """f's jaxpr on `args`, each cut perturbed by `eps`; also every factor's value."""
+  factors: dict = {}
+
+  def perturb(value, edge):
+    for cid in plan.edge_cuts.get(edge, ()):
+      value = value + eps[cid].astype(value.dtype)
+    return value
+
+  def run(jaxpr, consts, invals, prefix):
+    env = dict(zip(jaxpr.constvars, consts))
+    env.update(zip(jaxpr.invars, invals))
+    for i, eqn in enumerate(jaxpr.eqns):
+      path = prefix + (i,)
+      vals = [compat.read_atom(env, a) for a in eqn.invars]
+      for factor, _ in plan.factors.get(path, ()):
+        factors[factor.id] = jnp.asarray(factor.fn(*vals))
+      vals = [perturb(v, (path, k)) for k, v in enumerate(vals)]
+      if path in plan.inline:
+        inner, inner_consts = compat.call_body(eqn)
+        outs = run(inner, inner_consts, vals, path)
+      else:
+        outs = compat.bind_eqn(eqn, vals)
+      env.update(zip(eqn.outvars, outs))
+    return [compat.read_atom(env, v) for v in jaxpr.outvars]
+
+  outs = run(plan.jaxpr, plan.consts, list(args), ())
+  return [perturb(o, ("out", k)) for k, o in enumerate(outs)], factors
+
+
+@dataclasses.dataclass
+class Side:
+  """One side's arrays: per output leaf, cotangents by cut id; factors by factor id."""
+  cts: list[dict]
+  factors: dict
+
+
+def side(plan: Plan, params: list, x: list, per_example: bool) -> Side:
+  """Cotangents at every cut and every factor, for the inputs `x` (one pass each way)."""
+  def one(params, x):
+    eps0 = {c.id: jnp.zeros(c.shape, c.dtype) for c in plan.cuts}
+    outs, vjp, factors = jax.vjp(lambda eps: evaluate(plan, params + x, eps), eps0,
+                                 has_aux=True)
+    sizes = [math.prod(o.shape) for o in outs]
+    total = sum(sizes)
+    offsets = np.cumsum([0] + sizes)
+    basis = [jnp.eye(total, dtype=o.dtype)[:, a:b].reshape((total,) + o.shape)
+             for o, a, b in zip(outs, offsets[:-1], offsets[1:])]
+    with jax.named_scope("ntk/cotangents"):
+      (cts,) = jax.vmap(vjp)(basis)
+    per_leaf = [{cid: ct[a:b].reshape(o.shape + ct.shape[1:]) for cid, ct in cts.items()}
+                for o, a, b in zip(outs, offsets[:-1], offsets[1:])]
+    return per_leaf, factors
+
+  if not per_example:
+    return Side(*one(params, x))
+  num_outs = len(plan.jaxpr.outvars)
+  factor_axes = {f.id: (0 if f.batched else None)
+                 for fs in plan.factors.values() for f, _ in fs}
+  cut_axes = [{c.id: 0 for c in plan.cuts} for _ in range(num_outs)]
+  cts, factors = jax.vmap(one, in_axes=(None, 0), out_axes=(cut_axes, factor_axes))(
+      params, x)
+  return Side(cts, factors)
+
+
+def _arrays(ops: list[analysis.Operand], side: Side, k: int) -> list:
+  return [(side.cts[k][o.id] if o.kind == "ct" else side.factors[o.id], list(o.labels))
+          for o in ops]
+
+
+def _einsum(ops, result):
+  args = []
+  for array, labels in ops:
+    args += [array, labels]
+  return jnp.einsum(*args, result, precision=PRECISION)
+
+
+def pair_term(plans, u: Use, v: Use, side1: Side, side2: Side, k: int, layout: Layout,
+              shapes, per_example: bool) -> jax.Array:
+  """Σ_w (ct1·∂y_u/∂w)(ct2·∂y_v/∂w)ᵀ for uses u, v of one leaf with the same base."""
+  s1, s2, result = layout.indices()
+  labels = analysis.Labels(layout.num_indices)
+  ops1 = analysis.operands(plans[0], u, s1, shapes[0], "1", labels, per_example)
+  ops2 = analysis.operands(plans[1], v, s2, shapes[1], "2", labels, per_example)
+  scale = u.view.scale * v.view.scale * analysis.absent_w_size(u.view, ops1 + ops2, labels)
+  term = _einsum(_arrays(ops1, side1, k) + _arrays(ops2, side2, k), result)
+  return term if scale == 1.0 else term * scale
+
+
+def leaf_gradients(plan: Plan, use: Use, side: Side, k: int, layout: Layout,
+                   out_shape, per_example: bool) -> jax.Array:
+  """ct·∂y/∂w materialised: shape (side-1 output axes) + leaf shape. The dense path."""
+  side_labels = layout.indices()[0]
+  labels = analysis.Labels(layout.num_indices)
+  ops = analysis.operands(plan, use, side_labels, out_shape, "1", labels, per_example)
+  view = use.view
+  w_out = [labels(("w", i)) for i in range(len(view.base_shape))]
+  used = set(itertools.chain.from_iterable(o.labels for o in ops))
+  g = _einsum(_arrays(ops, side, k), side_labels + [l for l in w_out if l in used])
+  g = g * view.scale
+  lead = tuple(g.shape[:len(side_labels)])
+  g = g.reshape(lead + tuple(n if l in used else 1 for n, l in zip(view.base_shape, w_out)))
+  g = jnp.broadcast_to(g, lead + view.base_shape)
+  return _unbase(g, view.base, len(lead), plan.leaf_shapes[view.leaf])
+
+
+def _unbase(g, base, lead: int, leaf_shape):
+  """Undo the view's re-indexing (transposes, reshapes) on the trailing axes of g."""
+  shapes = [tuple(leaf_shape)]
+  for op, arg in base:
+    prev = shapes[-1]
+    shapes.append(tuple(prev[p] for p in arg) if op == "transpose" else tuple(arg))
+  for (op, arg), prev in zip(reversed(base), reversed(shapes[:-1])):
+    if op == "transpose":
+      inverse = tuple(np.argsort(arg))
+      g = jnp.transpose(g, tuple(range(lead)) + tuple(lead + i for i in inverse))
+    else:
+      g = g.reshape(g.shape[:lead] + prev)
+  return g
+
+
+def contract_leaf(plan1: Plan, plan2: Plan, leaf: int, side1: Side, side2: Side,
+                  symmetric: bool, k: int, layout: Layout, shapes, per_example: bool,
+                  materialize: bool):
+  """The kernel term of one parameter leaf for output leaf k, or None if it is unused.
+
+  Pairwise structured einsums when every use shares one base (indexing of the leaf);
+  otherwise each side's uses are materialised as ct·∂y/∂w and summed first.
+  """
+  uses1, uses2 = plan1.uses_of(leaf), plan2.uses_of(leaf)
+  if not uses1 and not uses2:
+    return None
+  bases = {u.view.base for u in uses1 + uses2}
+  if materialize or len(bases) > 1 or len(uses1) != len(uses2):
+    s1, s2, result = layout.indices()
+    shape = plan1.leaf_shapes[leaf]
+    w = list(range(layout.num_indices, layout.num_indices + len(shape)))
+    g1 = sum(leaf_gradients(plan1, u, side1, k, layout, shapes[0], per_example)
+             for u in uses1)
+    g2 = g1 if symmetric else sum(
+        leaf_gradients(plan2, u, side2, k, layout, shapes[1], per_example)
+        for u in uses2)
+    return jnp.einsum(g1, s1 + w, g2, s2 + w, result, precision=PRECISION)
+  total = None
+  for i, u in enumerate(uses1):
+    for j, v in enumerate(uses2):
+      if symmetric and j < i:
+        continue
+      term = pair_term((plan1, plan2), u, v, side1, side2, k, layout, shapes,
+                       per_example)
+      if symmetric and j > i:
+        term = term + jnp.transpose(term, layout.mirror_perm())
+      total = term if total is None else total + term
+  return total
+
+
+def structured_ntk(plan1: Plan, plan2: Plan | None, params: list, x1: list,
+                   x2: list | None, layouts, shapes1, shapes2, per_example: bool,
+                   materialize: frozenset = frozenset()) -> list[jax.Array]:
+  """The kernel of every output leaf by structured derivatives.
+
+  `plan2` is the plan at x2's signature (None: the same as `plan1`); x2 None means
+  Θ(x1, x1), computed with each unordered pair of uses once.
+  """
+  plan2 = plan1 if plan2 is None else plan2
+  with jax.named_scope("ntk/side1"):
+    side1 = side(plan1, params, x1, per_example)
+  symmetric = x2 is None
+  if symmetric:
+    side2 = side1
+  else:
+    with jax.named_scope("ntk/side2"):
+      side2 = side(plan2, params, x2, per_example)
+  kernels = []
+  with jax.named_scope("ntk/contract"):
+    for k, layout in enumerate(layouts):
+      terms = [contract_leaf(plan1, plan2, leaf, side1, side2, symmetric, k, layout,
+                             (shapes1[k], shapes2[k]), per_example, leaf in materialize)
+               for leaf in range(plan1.num_params)]
+      terms = [t for t in terms if t is not None]
+      kernel = (sum(terms[1:], terms[0]) if terms
+                else jnp.zeros(layout.kernel_shape(shapes1[k], shapes2[k])))
+      kernels.append(kernel / layout.trace_size(shapes1[k]))
+  return kernels

@@ -1,0 +1,139 @@
+"""Rules for the contractions: `dot_general` and `conv_general_dilated`."""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+from jax import lax
+
+from ntk_compiler.rules import EqnInfo, RuleResult, register_rule
+from ntk_compiler.structure import Structure
+
+
+def _free(ndim, contract, batch):
+  return tuple(d for d in range(ndim) if d not in contract and d not in batch)
+
+
+@register_rule(lax.dot_general_p)
+def dot_general_rule(eqn: EqnInfo, operand: int) -> RuleResult | None:
+  """w on either side: its free axes are traced, batch axes diagonal, contracting axes
+  meet the other operand, which (rearranged) is the factor."""
+  (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+  lhs_nd, rhs_nd = (len(a.shape) for a in eqn.in_avals[:2])
+  lf, rf = _free(lhs_nd, lc, lb), _free(rhs_nd, rc, rb)
+  nb = len(lb)
+  if operand == 1:
+    w_contract, w_batch, w_free = rc, rb, rf
+    o_contract, o_batch, o_free = lc, lb, lf
+    w_out_start = nb + len(lf)
+  else:
+    w_contract, w_batch, w_free = lc, lb, lf
+    o_contract, o_batch, o_free = rc, rb, rf
+    w_out_start = nb
+  structure = Structure(
+      trace=tuple((w_out_start + i, d) for i, d in enumerate(w_free)),
+      diagonal=tuple((i, d) for i, d in enumerate(w_batch)))
+  # Factor axes: other's free axes, batch axes, then contracting axes in w's axis order.
+  by_w_axis = sorted(range(len(w_contract)), key=lambda k: w_contract[k])
+  perm = tuple(o_free) + tuple(o_batch) + tuple(o_contract[k] for k in by_w_axis)
+  other = 1 - operand
+  return RuleResult(structure, lambda *ops: jnp.transpose(ops[other], perm),
+                    reads=(other,))
+
+
+def _conv_kwargs(eqn: EqnInfo) -> dict:
+  p = eqn.params
+  return dict(window_strides=p["window_strides"], padding=p["padding"],
+              lhs_dilation=p["lhs_dilation"], rhs_dilation=p["rhs_dilation"],
+              precision=lax.Precision.HIGHEST)  # exact values, not TF32-rounded ones
+
+
+def _patches(eqn: EqnInfo, x, filter_shape):
+  """P[n, i, f..., s...]: the lhs entry that kernel entry (i, f...) meets at output
+  (n, s...), by a depthwise conv with an identity kernel (as conv_general_dilated_patches)."""
+  lhs_spec = eqn.params["dimension_numbers"].lhs_spec
+  cin, k, nsp = x.shape[lhs_spec[1]], math.prod(filter_shape), len(filter_shape)
+  eye = jnp.eye(k, dtype=x.dtype).reshape(k, 1, *filter_shape)
+  canon = tuple(range(nsp + 2))
+  out = lax.conv_general_dilated(
+      x, jnp.tile(eye, (cin,) + (1,) * (nsp + 1)), feature_group_count=cin,
+      dimension_numbers=lax.ConvDimensionNumbers(lhs_spec, canon, canon),
+      **_conv_kwargs(eqn))
+  return out.reshape(out.shape[0], cin, *filter_shape, *out.shape[2:])
+
+
+def _named_transpose(x, names, order):
+  return jnp.transpose(x, tuple(names.index(n) for n in order))
+
+
+def _conv_kernel_rule(eqn: EqnInfo) -> RuleResult | None:
+  dn = eqn.params["dimension_numbers"]
+  groups, batch_groups = eqn.params["feature_group_count"], eqn.params["batch_group_count"]
+  if groups > 1 and batch_groups > 1:
+    return None
+  w_shape = eqn.in_avals[1].shape
+  nsp = len(w_shape) - 2
+  sp = [f"s{j}" for j in range(nsp)]
+  fs = [f"f{j}" for j in range(nsp)]
+  y_names = dict(zip(dn.out_spec, ["n", "o", *sp]))
+  w_names = dict(zip(dn.rhs_spec, ["o", "i", *fs]))
+  y_free = [y_names[a] for a in sorted(y_names) if a != dn.out_spec[1]]
+  w_free = [w_names[b] for b in sorted(w_names) if b != dn.rhs_spec[0]]
+  pair = ((dn.out_spec[1], dn.rhs_spec[0]),)
+  filter_shape = tuple(w_shape[d] for d in dn.rhs_spec[2:])
+  cout, cg = w_shape[dn.rhs_spec[0]], w_shape[dn.rhs_spec[1]]
+  dtype = eqn.out_aval.dtype
+
+  def factor(x, w):
+    p = _patches(eqn, x, filter_shape)
+    names = ["n", "i", *fs, *sp]
+    if groups == batch_groups == 1:
+      return _named_transpose(p, names, y_free + w_free).astype(dtype)
+    group = jnp.arange(cout) // (cout // max(groups, batch_groups))
+    if groups > 1:  # output feature o reads lhs channels of its group
+      p = jnp.take(p, group[:, None] * cg + jnp.arange(cg), axis=1)
+      names = ["n", "o", "i", *fs, *sp]
+    else:  # output feature o reads the lhs batch slice of its group
+      p = jnp.take(p.reshape(batch_groups, -1, *p.shape[1:]), group, axis=0)
+      names = ["o", "n", "i", *fs, *sp]
+    return _named_transpose(p, names, y_free + ["o"] + w_free).astype(dtype)
+
+  if groups == batch_groups == 1:
+    return RuleResult(Structure(trace=pair), factor, reads=(0,))
+  return RuleResult(Structure(diagonal=pair), factor, reads=(0,))
+
+
+def _conv_input_rule(eqn: EqnInfo) -> RuleResult | None:
+  if eqn.params["batch_group_count"] != 1:
+    return None
+  dn = eqn.params["dimension_numbers"]
+  x_shape = eqn.in_avals[0].shape
+  free = [a for a in range(len(x_shape)) if a != dn.lhs_spec[0]]
+  free_shape = tuple(x_shape[a] for a in free)
+  m = math.prod(free_shape)
+  dtype = eqn.out_aval.dtype
+
+  def factor(x, w):
+    # One batch element per lhs entry, a one-hot each: the batch of outputs is ∂y/∂x.
+    basis = jnp.eye(m, dtype=x.dtype).reshape(m, *free_shape)
+    out = lax.conv_general_dilated(
+        jnp.moveaxis(basis, 0, dn.lhs_spec[0]), w, dimension_numbers=dn,
+        feature_group_count=eqn.params["feature_group_count"],
+        preferred_element_type=eqn.params.get("preferred_element_type"),
+        **_conv_kwargs(eqn))
+    out = jnp.moveaxis(out, dn.out_spec[0], -1)
+    return out.reshape(out.shape[:-1] + free_shape).astype(dtype)
+
+  return RuleResult(Structure(trace=((dn.out_spec[0], dn.lhs_spec[0]),)), factor,
+                    reads=(1,))
+
+
+@register_rule(lax.conv_general_dilated_p)
+def conv_rule(eqn: EqnInfo, operand: int) -> RuleResult | None:
+  """w as kernel: its out-feature axis is traced against y's (diagonal under feature or
+  batch groups), the factor is the lhs patches. w as lhs: its batch axis is traced, the
+  factor is one example's dense Jacobian; None under batch groups."""
+  if operand == 1:
+    return _conv_kernel_rule(eqn)
+  return _conv_input_rule(eqn)
