@@ -63,8 +63,7 @@ def bench(fn, args, repeats):
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("--methods", default=",".join(
-      m for m in nc.METHODS if m not in ("auto", "structured")))
+  parser.add_argument("--methods", default="jacobian,ntk_vp,structured,auto")
   parser.add_argument("--repeats", type=int, default=5)
   args = parser.parse_args()
   methods = args.methods.split(",")

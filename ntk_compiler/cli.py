@@ -42,7 +42,7 @@ def demo(args) -> None:
   print(f"MLP 32-256-256-256-10 (relu), {x.shape[0]} examples, "
         f"JAX {jax.__version__} on {jax.devices()[0].platform}")
   reference = None
-  for method in ("jacobian", "ntk_vp", "auto"):
+  for method in ("jacobian", "ntk_vp", "structured", "auto"):
     ntk_fn = compile_ntk(f, method=method, trace_axes=(), batch_independent=True)
     theta, first, best = _time(ntk_fn, params, x)
     chosen = ntk_fn.plan(params, x).method

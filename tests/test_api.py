@@ -80,11 +80,6 @@ def test_unknown_method():
     nc.compile_ntk(dense, method="fast")
 
 
-def test_structured_not_yet():
-  with pytest.raises(NotImplementedError, match="method='structured'"):
-    nc.compile_ntk(dense, method="structured")
-
-
 def test_f_not_callable():
   with pytest.raises(TypeError, match="f must be a callable"):
     nc.compile_ntk(3)

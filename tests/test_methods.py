@@ -16,7 +16,7 @@ RTOL_F32 = 1e-4  # float32 rounding of O(100)-term sums of O(1) products
 
 TRACE = {2: [(), (-1,), (0, 1)], 3: [(), (-1,), (1, 2)]}
 DIAGONAL = [(), (1,), (0,)]
-METHODS = ["jacobian", "ntk_vp"]
+METHODS = ["jacobian", "ntk_vp"]  # structured has its own grid in test_structured.py
 
 
 def _grid():
@@ -55,7 +55,7 @@ def test_matches_oracle_float64(model, trace, diag, method, with_x2, seed, indep
          batch_independent=independent and model.batch_independent)
 
 
-@pytest.mark.parametrize("method", METHODS + ["auto"])
+@pytest.mark.parametrize("method", METHODS + ["structured", "auto"])
 @pytest.mark.parametrize("model", ZOO, ids=lambda m: m.name)
 @given(seed=st.integers(0, 2**16), n1=st.sampled_from([1, 2, 4]),
        n2=st.sampled_from([1, 3]), with_x2=st.booleans())
@@ -64,7 +64,7 @@ def test_matches_oracle_batch_sizes(model, method, seed, n1, n2, with_x2):
          batch_independent=model.batch_independent)
 
 
-@pytest.mark.parametrize("method", METHODS + ["auto"])
+@pytest.mark.parametrize("method", METHODS + ["structured", "auto"])
 @pytest.mark.parametrize("model", ZOO, ids=lambda m: m.name)
 @given(seed=st.integers(0, 2**16), with_x2=st.booleans())
 def test_matches_oracle_float32(model, method, seed, with_x2):
@@ -72,7 +72,7 @@ def test_matches_oracle_float32(model, method, seed, with_x2):
          batch_independent=model.batch_independent, dtype=jnp.float32, rtol=RTOL_F32)
 
 
-@pytest.mark.parametrize("method", ["jacobian", "ntk_vp"])
+@pytest.mark.parametrize("method", ["jacobian", "ntk_vp", "structured"])
 def test_symmetric_kernel_is_symmetric(method):
   model = mlp()
   params, x1, _ = model.draw(0, 4, 4, jnp.float64)
