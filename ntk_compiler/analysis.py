@@ -207,6 +207,8 @@ class _Builder:
     name = str(eqn.primitive)
     if result.rebase:
       return self._rebase(view, y_shape, name)
+    if result.dense:
+      return None, "its rule has only a dense block (the cotangent here is cheaper)"
     structure = result.structure
     w_shape = tuple(eqn.invars[operand].aval.shape)
     structure.validate(y_shape, w_shape, f"rule for {eqn.primitive}")

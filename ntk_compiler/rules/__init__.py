@@ -47,11 +47,14 @@ class RuleResult:
       factor depends on shapes and params only (a selection matrix, a constant).
     rebase: for bijections of entries that labels cannot express (a general reshape):
       no structure or factor; the engine re-indexes the parameter instead.
+    dense: the factor is a dense Jacobian block (exact, checkable, but no cheaper than
+      the cotangent at the operand): the engine stops the view before this equation.
   """
   structure: Structure | None
   factor: Callable[..., Any] | None
   reads: tuple[int, ...] = ()
   rebase: bool = False
+  dense: bool = False
 
 
 Rule = Callable[[EqnInfo, int], "RuleResult | None"]
@@ -64,7 +67,9 @@ def _nonlinear_primitives() -> frozenset:
            "min", "abs", "sign", "erf", "erfc", "erf_inv", "lgamma", "digamma", "floor",
            "ceil", "round", "rem", "clamp", "nextafter", "is_finite", "reduce_max",
            "reduce_min", "reduce_prod", "argmax", "argmin", "sort", "cumprod", "cummax",
-           "cummin", "cumlogsumexp"]
+           "cummin", "cumlogsumexp", "reduce_window_max", "reduce_window_min",
+           "select_and_gather_add", "logaddexp", "polygamma", "igamma",
+           "bessel_i0e", "bessel_i1e", "top_k"]
   from jax import lax
   return frozenset(getattr(lax, f"{n}_p") for n in names if hasattr(lax, f"{n}_p"))
 

@@ -67,6 +67,15 @@ def _named_transpose(x, names, order):
   return jnp.transpose(x, tuple(names.index(n) for n in order))
 
 
+def _by_out_feature(p, groups, batch_groups, cout, cg):
+  """Patches P[n, i, ...] -> per output feature o, the lhs channels (feature groups:
+  [n, o, i, ...]) or the lhs batch slice (batch groups: [o, n, i, ...]) of o's group."""
+  group = jnp.arange(cout) // (cout // max(groups, batch_groups))
+  if groups > 1:
+    return jnp.take(p, group[:, None] * cg + jnp.arange(cg), axis=1)
+  return jnp.take(p.reshape(batch_groups, -1, *p.shape[1:]), group, axis=0)
+
+
 def _conv_kernel_rule(eqn: EqnInfo) -> RuleResult | None:
   dn = eqn.params["dimension_numbers"]
   groups, batch_groups = eqn.params["feature_group_count"], eqn.params["batch_group_count"]
@@ -84,24 +93,18 @@ def _conv_kernel_rule(eqn: EqnInfo) -> RuleResult | None:
   filter_shape = tuple(w_shape[d] for d in dn.rhs_spec[2:])
   cout, cg = w_shape[dn.rhs_spec[0]], w_shape[dn.rhs_spec[1]]
   dtype = eqn.out_aval.dtype
+  grouped = groups > 1 or batch_groups > 1
 
   def factor(x, w):
-    p = _patches(eqn, x, filter_shape)
-    names = ["n", "i", *fs, *sp]
-    if groups == batch_groups == 1:
-      return _named_transpose(p, names, y_free + w_free).astype(dtype)
-    group = jnp.arange(cout) // (cout // max(groups, batch_groups))
-    if groups > 1:  # output feature o reads lhs channels of its group
-      p = jnp.take(p, group[:, None] * cg + jnp.arange(cg), axis=1)
-      names = ["n", "o", "i", *fs, *sp]
-    else:  # output feature o reads the lhs batch slice of its group
-      p = jnp.take(p.reshape(batch_groups, -1, *p.shape[1:]), group, axis=0)
-      names = ["o", "n", "i", *fs, *sp]
-    return _named_transpose(p, names, y_free + ["o"] + w_free).astype(dtype)
+    p, names = _patches(eqn, x, filter_shape), ["n"]
+    if grouped:
+      p = _by_out_feature(p, groups, batch_groups, cout, cg)
+      names = ["n", "o"] if groups > 1 else ["o", "n"]
+    order = y_free + ["o"] * grouped + w_free
+    return _named_transpose(p, names + ["i", *fs, *sp], order).astype(dtype)
 
-  if groups == batch_groups == 1:
-    return RuleResult(Structure(trace=pair), factor, reads=(0,))
-  return RuleResult(Structure(diagonal=pair), factor, reads=(0,))
+  structure = Structure(diagonal=pair) if grouped else Structure(trace=pair)
+  return RuleResult(structure, factor, reads=(0,))
 
 
 def _conv_input_rule(eqn: EqnInfo) -> RuleResult | None:
@@ -126,7 +129,7 @@ def _conv_input_rule(eqn: EqnInfo) -> RuleResult | None:
     return out.reshape(out.shape[:-1] + free_shape).astype(dtype)
 
   return RuleResult(Structure(trace=((dn.out_spec[0], dn.lhs_spec[0]),)), factor,
-                    reads=(1,))
+                    reads=(1,), dense=True)
 
 
 @register_rule(lax.conv_general_dilated_p)
