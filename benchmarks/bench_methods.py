@@ -14,19 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 
 import ntk_compiler as nc
+from ntk_compiler import cli
 
 
-def mlp(key, width=512, depth=3, inputs=64, outputs=10, n=32):
-  sizes = [inputs] + [width] * depth + [outputs]
-  keys = jax.random.split(key, len(sizes))
-  params = [{"w": jax.random.normal(k, (a, b)) / np.sqrt(a), "b": jnp.zeros(b)}
-            for k, a, b in zip(keys, sizes[:-1], sizes[1:])]
-
-  def f(params, x):
-    for layer in params[:-1]:
-      x = jax.nn.relu(x @ layer["w"] + layer["b"])
-    return x @ params[-1]["w"] + params[-1]["b"]
-  return f, params, jax.random.normal(keys[-1], (n, inputs))
+def mlp(key):
+  return cli.mlp(key, width=512, depth=3, inputs=64, outputs=10, n=32)
 
 
 def cnn(key, channels=32, image=16, outputs=10, n=16):

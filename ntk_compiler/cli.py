@@ -12,7 +12,8 @@ import numpy as np
 from ntk_compiler.api import compile_ntk
 
 
-def _demo_model(key, width=256, depth=3, inputs=32, outputs=10):
+def mlp(key, width=256, depth=3, inputs=32, outputs=10, n=16):
+  """A relu MLP (f, params, x) with `n` random inputs: the demo's and benchmarks' model."""
   sizes = [inputs] + [width] * depth + [outputs]
   keys = jax.random.split(key, len(sizes))
   params = [{"w": jax.random.normal(k, (a, b)) / np.sqrt(a), "b": jnp.zeros(b)}
@@ -22,7 +23,7 @@ def _demo_model(key, width=256, depth=3, inputs=32, outputs=10):
     for layer in params[:-1]:
       x = jax.nn.relu(x @ layer["w"] + layer["b"])
     return x @ params[-1]["w"] + params[-1]["b"]
-  return f, params, jax.random.normal(keys[-1], (16, inputs))
+  return f, params, jax.random.normal(keys[-1], (n, inputs))
 
 
 def _time(fn, *args, repeats=5):
@@ -38,7 +39,7 @@ def _time(fn, *args, repeats=5):
 
 
 def demo(args) -> None:
-  f, params, x = _demo_model(jax.random.PRNGKey(args.seed))
+  f, params, x = mlp(jax.random.PRNGKey(args.seed))
   print(f"MLP 32-256-256-256-10 (relu), {x.shape[0]} examples, "
         f"JAX {jax.__version__} on {jax.devices()[0].platform}")
   reference = None

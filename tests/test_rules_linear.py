@@ -15,30 +15,13 @@ from ntk_compiler.check import check_rule
 from ntk_compiler.rules import EqnInfo
 from ntk_compiler.rules import linear
 from ntk_compiler.structure import Structure
+from rule_helpers import check as _check, rule_result as _rule_result, normal as _normal
 
 SEEDS = st.integers(0, 2**16)
 # Sizes of the letters of a case in sorted order; few sets, so examples share compiles.
 SIZES = st.sampled_from([(2, 3, 1, 2, 3), (3, 1, 2, 2, 4)])
 DOT = lax.dot_general_p
 CONV = lax.conv_general_dilated_p
-
-
-def _normal(seed, shape, dtype=jnp.float64):
-  return jnp.asarray(np.random.default_rng(seed).normal(size=shape), dtype)
-
-
-def _check(prim, fn, *args, argnum=0):
-  return check_rule(prim, fn, *args, argnum=argnum, rule=rules._DEFAULT[prim])
-
-
-def _rule_result(prim, fn, *args, argnum=0):
-  """The registered rule's answer for the `prim` equation that args[argnum] enters."""
-  jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
-  target = jaxpr.invars[argnum]
-  eqn, = [e for e in jaxpr.eqns if e.primitive is prim and target in e.invars]
-  info = EqnInfo(prim, dict(eqn.params), tuple(v.aval for v in eqn.invars),
-                 tuple(v.aval for v in eqn.outvars))
-  return rules._DEFAULT[prim](info, eqn.invars.index(target))
 
 
 def test_registered():

@@ -12,26 +12,11 @@ from ntk_compiler.check import check_rule
 from ntk_compiler.rules import EqnInfo
 from ntk_compiler.rules import reductions
 from ntk_compiler.structure import Structure
+from rule_helpers import check as _check, rule_result as _rule_result, normal as _normal
 
 SEEDS = st.integers(0, 2**16)
 # Axis sizes, in axis order; few sets, so that examples share compilations.
 SHAPES = st.sampled_from([(2, 5, 4, 3), (3, 4, 6, 2)])
-
-
-def _normal(seed, shape, dtype=jnp.float64):
-  return jnp.asarray(np.random.default_rng(seed).normal(size=shape), dtype)
-
-
-def _check(prim, fn, *args, argnum=0):
-  return check_rule(prim, fn, *args, argnum=argnum, rule=rules._DEFAULT[prim])
-
-
-def _rule_result(prim, fn, *args):
-  jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
-  eqn, = [e for e in jaxpr.eqns if e.primitive is prim]
-  info = EqnInfo(prim, dict(eqn.params), tuple(v.aval for v in eqn.invars),
-                 tuple(v.aval for v in eqn.outvars))
-  return rules._DEFAULT[prim](info, 0)
 
 
 def test_registered():

@@ -12,27 +12,10 @@ from ntk_compiler.check import check_rule
 from ntk_compiler.rules import EqnInfo
 from ntk_compiler.rules import structural as sr
 from ntk_compiler.structure import Structure
+from rule_helpers import check as _check, rule_result as _rule_result, normal as _normal
 
 SEEDS = st.integers(0, 2**16)
 SIZES = st.sampled_from([2, 3, 4])
-
-
-def _normal(seed, shape):
-  return jnp.asarray(np.random.default_rng(seed).normal(size=shape))
-
-
-def _check(prim, fn, *args, argnum=0):
-  return check_rule(prim, fn, *args, argnum=argnum, rule=rules._DEFAULT[prim])
-
-
-def _rule_result(prim, fn, *args, argnum=0):
-  """The registered rule's answer for the `prim` equation that args[argnum] enters."""
-  jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
-  target = jaxpr.invars[argnum]
-  eqn, = [e for e in jaxpr.eqns if e.primitive is prim and target in e.invars]
-  info = EqnInfo(prim, dict(eqn.params), tuple(v.aval for v in eqn.invars),
-                 tuple(v.aval for v in eqn.outvars))
-  return rules._DEFAULT[prim](info, eqn.invars.index(target))
 
 
 def _sizes(data, rank):
