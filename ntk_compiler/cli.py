@@ -49,7 +49,7 @@ def demo(args) -> None:
     chosen = ntk_fn.plan(params, x).method
     reference = theta if reference is None else reference
     diff = float(jnp.max(jnp.abs(theta - reference)) / jnp.max(jnp.abs(reference)))
-    print(f"  {method:9s} -> {chosen:9s} kernel {tuple(theta.shape)}  "
+    print(f"  {method:10s} -> {chosen:10s} kernel {tuple(theta.shape)}  "
           f"first call {first * 1e3:8.1f} ms  run {best * 1e3:8.2f} ms  "
           f"max rel. diff vs jacobian {diff:.1e}")
   print("Θ(x0, x1) =")
