@@ -229,7 +229,7 @@ def _raise_on_fallbacks(engine: analysis.Plan, params) -> None:
     if use.dense:
       raise NotImplementedError(
           f"strict=True: params{paths[use.view.leaf]} has no structured path: its "
-          f"cotangent is taken {use.cut.reason}. Register a rule for that primitive "
+          f"cotangent is taken {use.reason}. Register a rule for that primitive "
           "(nc.register_rule) or pass strict=False to use a dense Jacobian there.")
 
 
