@@ -182,28 +182,32 @@ class _Builder:
     for operand, (atom, vs) in enumerate(zip(eqn.invars, op_views)):
       if not vs:
         continue
-      result = None
+      results = None
       if eqn.primitive in rules_lib.NONLINEAR or _elementwise_custom(eqn):
         stop = (f"before {eqn.primitive} (nonlinear)", False)
       elif rule is None:
         stop = (f"before {eqn.primitive}: no rule for it", True)
-      elif len(eqn.outvars) != 1:
-        stop = (f"before {eqn.primitive}: it has several outputs", True)
       else:
-        result = rule(info, operand)
+        results = _per_output(rule(info, operand), len(eqn.outvars))
         stop = (f"before {eqn.primitive}: its rule declines operand {operand}", True)
       for view in vs:
-        new, why = (None, None) if result is None else self._compose(
-            view, result, eqn, operand, path, op_dep)
-        if new is None:
+        new, why = [], None
+        for j, result in enumerate(results or ()):
+          out_view, why = self._compose(view, result, eqn, operand, j, path, op_dep)
+          if out_view is None:
+            break
+          new.append(out_view)
+        if results is None or len(new) < len(results):
           reason, fallback = stop if why is None else (
               f"before {eqn.primitive}: {why}", False)
           self.pending.append(((prefix, atom), view, (path, operand), reason, fallback))
         else:
-          views[eqn.outvars[0]].append(new)
+          for out, out_view in zip(eqn.outvars, new):
+            views[out].append(out_view)
 
-  def _compose(self, view: View, result: RuleResult, eqn, operand, path, op_dep):
-    y_shape = tuple(eqn.outvars[0].aval.shape)
+  def _compose(self, view: View, result: RuleResult, eqn, operand, out, path, op_dep):
+    """The view of output `out` of `eqn`, or (None, why not)."""
+    y_shape = tuple(eqn.outvars[out].aval.shape)
     name = str(eqn.primitive)
     if result.rebase:
       return self._rebase(view, y_shape, name)
@@ -262,6 +266,16 @@ class _Builder:
 
 
 _CUSTOM = compat.custom_derivative_primitives()
+
+
+def _per_output(result, num_outputs: int):
+  """A rule's answer as one result per output, or None if it declines."""
+  if result is None:
+    return None
+  results = tuple(result) if isinstance(result, (tuple, list)) else (result,)
+  if len(results) != num_outputs or any(r is None for r in results):
+    return None
+  return results
 
 
 def _elementwise_custom(eqn) -> bool:

@@ -92,32 +92,50 @@ def check_rule(primitive: Any, fn: Callable[..., Any], *args: Any, argnum: int =
 
 def check_eqn(eqn, invals: list, operand: int, rule, atol: float | None = None
               ) -> RuleCheck:
-  """`check_rule` for one equation of a jaxpr and its operand values."""
+  """`check_rule` for one equation of a jaxpr and its operand values.
+
+  A multi-output primitive's rule returns one result per output; each is checked
+  against the Jacobian of its own output, and the check reports the first structure.
+  """
   primitive = eqn.primitive
-  if primitive.multiple_results:
-    raise RuleCheckError(f"{primitive} has several outputs; check_rule checks "
-                         "single-output primitives.")
   info = rules_lib.EqnInfo(primitive, dict(eqn.params),
                            tuple(v.aval for v in eqn.invars),
                            tuple(v.aval for v in eqn.outvars))
   result = rule(info, operand)
   if result is None:
     return RuleCheck(primitive, operand, None, 0.0)
+  results = result if primitive.multiple_results else (result,)
+  if len(results) != len(eqn.outvars):
+    raise RuleCheckError(f"rule for {primitive} returned {len(results)} results for "
+                         f"{len(eqn.outvars)} outputs; return one per output.")
+  checks = []
+  for j, res in enumerate(results):
+    where = f"rule for {primitive} (operand {operand}" + (
+        f", output {j})" if primitive.multiple_results else ")")
+    checks.append(_check_output(eqn, invals, operand, j, res, atol, where))
+  return RuleCheck(primitive, operand, checks[0][0], max(c[1] for c in checks))
+
+
+def _check_output(eqn, invals, operand, j, result, atol, where):
+  """(structure, error) of one output's rule result, or RuleCheckError."""
   w = jnp.asarray(invals[operand])
 
   def y_of(w_value):
     ops = list(invals)
     ops[operand] = w_value
-    return compat.bind_eqn(eqn, ops)[0]
+    return compat.bind_eqn(eqn, ops)[j]
 
   out = y_of(w)
   jac = np.asarray(jax.jacfwd(y_of)(w), np.float64)
   eps = float(jnp.finfo(out.dtype).eps)
   scale = max(1.0, float(np.max(np.abs(jac), initial=0)))
   atol = 100 * eps * scale if atol is None else atol
-  where = f"rule for {primitive} (operand {operand})"
+  if result is None:
+    raise RuleCheckError(f"{where}: declined one output of several; decline the "
+                         "operand (return None) instead.")
   if result.rebase:
-    return _check_bijection(jac, out.shape, w.shape, where, atol, primitive, operand)
+    _check_bijection(jac, out.shape, w.shape, where, atol)
+    return None, 0.0
   structure = result.structure
   structure.validate(out.shape, w.shape, where)
   factor = jnp.asarray(result.factor(*invals))
@@ -135,14 +153,13 @@ def check_eqn(eqn, invals: list, operand: int, rule, atol: float | None = None
   if problems:
     raise RuleCheckError(f"{where}: the Jacobian contradicts {structure}: "
                          + "; ".join(problems))
-  return RuleCheck(primitive, operand, structure, error)
+  return structure, error
 
 
-def _check_bijection(jac, y_shape, w_shape, where, atol, primitive, operand):
+def _check_bijection(jac, y_shape, w_shape, where, atol) -> None:
   m = jac.reshape(int(np.prod(y_shape)), int(np.prod(w_shape)))
   ok = (m.shape[0] == m.shape[1] and np.all((np.abs(m) <= atol) | (np.abs(m - 1) <= atol))
         and np.allclose(m.sum(0), 1, atol=atol) and np.allclose(m.sum(1), 1, atol=atol))
   if not ok:
     raise RuleCheckError(f"{where}: declared a re-indexing (rebase) but its Jacobian is "
                          "not a permutation matrix.")
-  return RuleCheck(primitive, operand, None, 0.0)

@@ -176,3 +176,14 @@ def test_non_float_declines():
   ints = jnp.arange(6, dtype=jnp.int32).reshape(2, 3)
   assert _rule_result(lax.transpose_p, lambda a: a.T, ints) is None
   assert _rule_result(lax.slice_p, lambda a: a[1:], ints) is None
+
+
+@pytest.mark.parametrize("shape,sections,axis", [
+    ((2, 5), [1, 3], 1), ((6, 3), 3, 0), ((2, 4, 6), [2], 2), ((4,), [1, 2, 3], 0)])
+@given(seed=SEEDS)
+def test_split(shape, sections, axis, seed):
+  """Each output of split is a selection along the axis; every output is checked."""
+  check = _check(lax.split_p, lambda w: jnp.split(w, sections, axis=axis),
+                 _normal(seed, shape))
+  others = tuple((a, a) for a in range(len(shape)) if a != axis)
+  assert check.structure == Structure(trace=others)

@@ -9,6 +9,7 @@ outer product as factor. Factors depend on shapes and params only (`reads=()`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 
@@ -164,3 +165,19 @@ def slice_rule(eqn: EqnInfo, operand: int) -> RuleResult | None:
       rows = [start + i * step for i in range(y_shape[a])]
       mats[a] = _placement(w_shape[a], y_shape[a], rows).T
   return _moved(eqn, mats)
+
+
+@register_rule(lax.split_p)
+def split_rule(eqn: EqnInfo, operand: int) -> tuple[RuleResult, ...] | None:
+  """One selection per output along the split axis; the other axes trace."""
+  if not _is_float(eqn.in_avals[0]):
+    return None
+  axis, n = eqn.params["axis"], eqn.in_avals[0].shape[eqn.params["axis"]]
+  results, start = [], 0
+  for out in eqn.out_avals:
+    size = out.shape[axis]
+    one = dataclasses.replace(eqn, out_avals=(out,))
+    mats = {axis: _placement(n, size, range(start, start + size)).T}
+    results.append(_moved(one, mats))
+    start += size
+  return tuple(results)
