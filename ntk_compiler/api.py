@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ntk_compiler import analysis, emit, inspect, trace
+from ntk_compiler import analysis, batching, emit, inspect, trace
 from ntk_compiler import axes as axes_lib
 from ntk_compiler import cost
 from ntk_compiler import rules as rules_lib
@@ -46,9 +46,11 @@ def compile_ntk(
       divided by the product of their sizes. Negative axes count from the end.
     diagonal_axes: output axes on which only the diagonal (x1 index = x2 index) is
       kept; each appears once in the kernel.
-    batch_independent: True promises that f treats the examples on axis 0
-      independently, which enables the per-example fast path. None and False assume
-      nothing: the kernel is exact even if f mixes examples (e.g. a batch mean).
+    batch_independent: whether f treats the examples on axis 0 independently, which
+      enables the per-example fast path. None (default) decides it from f's jaxpr:
+      per example only where that is proven (`explain()` says what was decided and
+      why). True and False override the analysis; False is exact for any f, True is
+      only correct when f really is per-example.
     rules: structure rules to use on top of the registered ones, keyed by Primitive
       object (a value of None switches a default rule off).
     strict: with the structured method, raise instead of falling back to a dense
@@ -83,7 +85,7 @@ def compile_ntk(
   diagonal = axes_lib.normalize_axes(diagonal_axes, "diagonal_axes")
   axes_lib.check_disjoint(trace, diagonal)
   table = rules_lib.registry(rules)
-  return NTKFunction(f, method, trace, diagonal, bool(batch_independent), table,
+  return NTKFunction(f, method, trace, diagonal, batch_independent, table,
                      bool(strict))
 
 
@@ -103,6 +105,7 @@ class Plan:
   engine2: analysis.Plan | None = None
   estimate: Estimate | None = None
   reason: str = ""
+  batch: batching.Decision | None = None
 
 
 class NTKFunction:
@@ -113,7 +116,7 @@ class NTKFunction:
   """
 
   def __init__(self, f, method: str, trace_axes: tuple[int, ...],
-               diagonal_axes: tuple[int, ...], batch_independent: bool,
+               diagonal_axes: tuple[int, ...], batch_independent: bool | None,
                rules: Mapping[Any, Any], strict: bool):
     self.f = f
     self.rules = rules
@@ -149,7 +152,7 @@ class NTKFunction:
     engine, estimate = plan.engine, plan.estimate
     leaves = () if engine is None else inspect.leaf_reports(
         engine, _paths(params), estimate.kinds, estimate.leaf_flops)
-    return inspect.Explanation(plan.method, plan.reason, self.batch_independent,
+    return inspect.Explanation(plan.method, plan.reason, plan.batch,
                                dict(estimate.flops), leaves)
 
   def jaxpr(self, params: Any, x1: Any, x2: Any = None):
@@ -182,10 +185,11 @@ class NTKFunction:
       raise ValueError(
           f"f(params, x1) and f(params, x2) return different pytrees: {out_tree} and "
           f"{tree2}.")
+    batch = self._batch_decision(params, x1, n1)
     layouts = []
     for path, l1, l2 in zip(_paths(out1), leaves1, leaves2):
       where = f"output leaf {path}" if path else "output"
-      if self.batch_independent and l1.shape[0] != n1:
+      if batch.independent and l1.shape[0] != n1:
         raise ValueError(
             f"batch_independent=True, but the {where} of shape {l1.shape} does not keep "
             f"the batch of {n1} examples on axis 0; pass batch_independent=False.")
@@ -195,22 +199,32 @@ class NTKFunction:
     problem = Problem(
         f=self.f, params=params, x1=x1, x2=x2, out_tree=out_tree,
         shapes1=tuple(l.shape for l in leaves1), shapes2=tuple(l.shape for l in leaves2),
-        layouts=tuple(layouts), batch_independent=self.batch_independent)
+        layouts=tuple(layouts), batch_independent=batch.independent)
     engine = engine2 = None
     if self.method in ("structured", "auto") and jax.tree_util.tree_leaves(params):
-      engine = self._engine_plan(params, x1)
-      if not (x2 is None or self.batch_independent or _same_signature(x1, x2)):
-        engine2 = self._engine_plan(params, x2)
+      engine = self._engine_plan(params, x1, batch.independent)
+      if not (x2 is None or batch.independent or _same_signature(x1, x2)):
+        engine2 = self._engine_plan(params, x2, batch.independent)
     estimate = _estimate(problem, engine, engine2)
     if self.method == "auto":
       method = min(estimate.flops, key=estimate.flops.get)
       reason = "auto: the lowest estimated FLOPs"
     else:
       method, reason = self.method, "as requested"
-    return Plan(method, problem, engine, engine2, estimate, reason)
+    return Plan(method, problem, engine, engine2, estimate, reason, batch)
 
-  def _engine_plan(self, params, x) -> analysis.Plan:
-    program = trace.trace_program(self.f, params, x, self.batch_independent)
+  def _batch_decision(self, params, x, batch: int) -> batching.Decision:
+    if self.batch_independent is not None:
+      return batching.Decision(self.batch_independent, "as given by batch_independent")
+    def trace_at(n):
+      resized = jax.tree_util.tree_map(
+          lambda a: jax.ShapeDtypeStruct((n,) + jnp.shape(a)[1:], jnp.result_type(a)), x)
+      return trace.trace_program(self.f, params, resized, per_example=False).jaxpr
+    num_params = len(jax.tree_util.tree_leaves(params))
+    return batching.infer(trace_at, num_params, batch)
+
+  def _engine_plan(self, params, x, per_example: bool) -> analysis.Plan:
+    program = trace.trace_program(self.f, params, x, per_example)
     engine = analysis.plan(program.jaxpr, program.consts, program.num_params,
                            x_dependent=True, rules=self.rules)
     if self.strict:

@@ -87,3 +87,19 @@ def custom_derivative_primitives() -> frozenset:
   from jax.extend.core import primitives as p
   names = ("custom_jvp_call_p", "custom_vjp_call_p", "custom_vjp_call_jaxpr_p")
   return frozenset(getattr(p, n) for n in names if hasattr(p, n))
+
+
+def scan_layout(eqn: Any) -> tuple[int, int] | None:
+  """(num_consts, num_carry) of a `scan` equation, or None if its params say neither.
+
+  JAX 0.12 dropped `num_consts` / `num_carry` for `ft_in` = (consts, carry, xs)."""
+  params = eqn.params
+  if "num_consts" in params:
+    return int(params["num_consts"]), int(params["num_carry"])
+  layout = params.get("ft_in")
+  parts = layout.unpack() if hasattr(layout, "unpack") else layout  # a FlatTree
+  if not isinstance(parts, tuple) or len(parts) != 3:
+    return None
+  if sum(len(part) for part in parts) != len(eqn.invars):
+    return None
+  return len(parts[0]), len(parts[1])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 from ntk_compiler import analysis
 
@@ -42,9 +43,13 @@ class Explanation:
   """What `ntk_fn` does for one signature of its arguments."""
   method: str
   reason: str
-  batch_independent: bool
+  batch: Any  # batching.Decision: per-example or not, and why
   estimates: dict
   leaves: tuple[LeafReport, ...]
+
+  @property
+  def batch_independent(self) -> bool:
+    return self.batch.independent
 
   @property
   def fallbacks(self) -> list[tuple[str, str]]:
@@ -54,7 +59,7 @@ class Explanation:
 
   def __str__(self) -> str:
     lines = [f"method: {self.method} ({self.reason})",
-             f"batch_independent: {self.batch_independent}"]
+             f"batch_independent: {self.batch.independent} ({self.batch.reason})"]
     if self.estimates:
       lines.append("estimated FLOPs: " + ", ".join(
           f"{k} {v:.3g}" for k, v in self.estimates.items()))

@@ -176,3 +176,34 @@ def test_batch_independent_output_must_keep_batch():
   ntk_fn = nc.compile_ntk(lambda p, x: dense(p, x).T, batch_independent=True)
   with pytest.raises(ValueError, match="does not keep the batch of 5 examples on axis 0"):
     ntk_fn(PARAMS, X)
+
+
+# Batch independence: inferred from the jaxpr unless the user says.
+
+def test_per_example_model_is_inferred_batch_independent():
+  ntk_fn = nc.compile_ntk(dense)
+  explanation = ntk_fn.explain(PARAMS, X)
+  assert explanation.batch_independent
+  assert "proven" in explanation.batch.reason
+  assert ntk_fn.plan(PARAMS, X).problem.batch_independent
+
+
+def test_batch_mixing_model_is_inferred_dependent():
+  f = lambda p, x: dense(p, x - x.mean(0))
+  explanation = nc.compile_ntk(f).explain(PARAMS, X)
+  assert not explanation.batch_independent
+  assert str(jax.lax.reduce_sum_p) in explanation.batch.reason
+
+
+def test_batch_size_in_a_value_is_not_per_example():
+  f = lambda p, x: dense(p, x) / x.shape[0]
+  explanation = nc.compile_ntk(f).explain(PARAMS, X)
+  assert not explanation.batch_independent
+  assert "batch size" in explanation.batch.reason
+
+
+def test_user_override_wins():
+  for value in (True, False):
+    explanation = nc.compile_ntk(dense, batch_independent=value).explain(PARAMS, X)
+    assert explanation.batch_independent is value
+    assert explanation.batch.reason == "as given by batch_independent"

@@ -1,0 +1,731 @@
+"""Is f(params, x) batch independent along axis 0 of x? A static pass over its jaxpr.
+
+Every value gets a `State`: unbatched (it does not depend on the batch; `const` lists
+the axes it is known to be constant along), batched on axis k (row i along k depends on
+example i only, by the same computation for every i), or mixed (examples meet; the
+reason names the equation). A rule per primitive maps operand states to output states
+and raises `_Mixes` when the equation lets examples meet. An unbatched value may stand
+in for a batched one on axis k only where it is constant along k (a broadcast bias,
+a causal mask): anything else is a position-dependent constant. Control flow is walked
+recursively; loop carries are iterated to a fixed point. The analysis is sound, not
+complete: a value it cannot follow counts as mixed.
+
+What it cannot see: a scalar that happens to equal the batch size (`x / x.shape[0]`)
+is a literal like any other, and custom derivative rules are taken to be as batch
+independent as the primal body they wrap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from jax import lax
+from jax.extend.core import primitives as _prims
+
+from ntk_compiler import compat
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+  """Whether every output of f carries the batch on axis 0, elementwise in the examples.
+
+  Attributes:
+    independent: True only when the pass proves it.
+    reason: why: the primitive and equation path (`eqn 3/1` = equation 1 in the body of
+      equation 3) where examples meet, or what was proven.
+  """
+  independent: bool
+  reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class State:
+  """What one value depends on: the batch axis, or None; or the reason it is mixed."""
+  axis: int | None = None
+  const: frozenset = frozenset()  # unbatched only: axes the value is constant along
+  mixed: str | None = None
+
+
+UNBATCHED = State()
+
+
+class _Mixes(Exception):
+  """Raised by a rule: this equation lets examples meet (the message says how)."""
+
+
+Rule = Callable[[Any, list, Callable], list]
+_RULES: dict[Any, Rule] = {}
+
+
+def _prim(name: str):
+  return getattr(_prims, f"{name}_p", None) or getattr(lax, f"{name}_p", None)
+
+
+def _register(names: Sequence[str]) -> Callable[[Rule], Rule]:
+  """Registers a rule for every primitive of `names` this JAX version has."""
+  def register(rule: Rule) -> Rule:
+    for name in names:
+      if (p := _prim(name)) is not None:
+        _RULES[p] = rule
+    return rule
+  return register
+
+
+def analyse(jaxpr, batched_invars: Sequence[bool]) -> Decision:
+  """Decides whether `jaxpr` maps batched inputs to per-example output rows.
+
+  Args:
+    jaxpr: an open jaxpr, e.g. `compat.open_jaxpr(jax.make_jaxpr(flat_f)(*leaves))`,
+      whose invars are the parameter leaves, then the input leaves.
+    batched_invars: one flag per invar: True where it carries the batch on axis 0.
+
+  Returns:
+    A `Decision`: independent when every outvar carries the batch on axis 0 and row n
+    of every output depends on row n of the batched inputs only, by the same
+    computation for every n. An output that ignores the batch is not independent.
+
+  Raises:
+    ValueError: `batched_invars` does not match the invars, or flags a scalar.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from ntk_compiler import batching
+    >>> f = lambda w, x: jnp.tanh(x @ w)
+    >>> j = jax.make_jaxpr(f)(jnp.ones((3, 2)), jnp.ones((4, 3)))
+    >>> batching.analyse(j.jaxpr, [False, True]).independent
+    True
+    >>> batching.analyse(jax.make_jaxpr(lambda w, x: x - x.mean(0))(
+    ...     jnp.ones(()), jnp.ones((4, 3))).jaxpr, [False, True]).independent
+    False
+  """
+  jaxpr = compat.open_jaxpr(jaxpr)
+  flags = [bool(b) for b in batched_invars]
+  if len(flags) != len(jaxpr.invars):
+    raise ValueError(f"batched_invars has {len(flags)} flags for a jaxpr with "
+                     f"{len(jaxpr.invars)} invars; give one per invar.")
+  batched = [(i, tuple(v.aval.shape)) for i, (v, b) in enumerate(zip(jaxpr.invars, flags))
+             if b]
+  for i, shape in batched:
+    if not shape:
+      raise ValueError(f"invar {i} is a scalar: it cannot carry the batch on axis 0.")
+  sizes = {shape[0] for _, shape in batched}
+  if len(sizes) > 1:
+    return Decision(False, f"batched inputs disagree on the batch size: {sorted(sizes)}")
+  outs = _walk(jaxpr, [State(0) if b else UNBATCHED for b in flags], ())
+  for k, s in enumerate(outs):
+    if s.mixed is not None:
+      return Decision(False, f"output {k}: {s.mixed}")
+    if s.axis is None:
+      return Decision(False, f"output {k} does not depend on the batch")
+    if s.axis != 0:
+      return Decision(False, f"output {k} carries the batch on axis {s.axis}, not 0")
+  return Decision(True, f"proven: all {len(outs)} outputs carry the batch on axis 0, "
+                        "each row computed from its own example")
+
+
+def _walk(jaxpr, in_states: Sequence[State], prefix: tuple) -> list[State]:
+  """The states of `jaxpr`'s outvars; constvars are unbatched."""
+  env: dict = {}
+  for v, s in zip(jaxpr.invars, in_states):
+    env[v] = s
+  read = lambda a: UNBATCHED if isinstance(a, compat.Literal) else env.get(a, UNBATCHED)
+  for i, eqn in enumerate(jaxpr.eqns):
+    ins = [read(a) for a in eqn.invars]
+    path = prefix + (i,)
+    outs = _apply(eqn, ins, path)
+    for v, s in zip(eqn.outvars, outs):
+      env[v] = s
+  return [read(v) for v in jaxpr.outvars]
+
+
+def _apply(eqn, ins: list[State], path: tuple) -> list[State]:
+  n = len(eqn.outvars)
+  mixed = next((s for s in ins if s.mixed is not None), None)
+  if mixed is not None:
+    return [mixed] * n
+  where = f"{eqn.primitive} (eqn {'/'.join(map(str, path))})"
+  rule = _RULES.get(eqn.primitive)
+  if rule is None and (compat.call_body(eqn) is not None or eqn.primitive in _CUSTOM):
+    rule = _call
+  if rule is None:
+    if all(s.axis is None for s in ins):
+      return [UNBATCHED] * n
+    return [State(mixed=f"no batching rule for {where}")] * n
+  sub = lambda jaxpr, states: _walk(jaxpr, states, path)
+  try:
+    outs = rule(eqn, ins, sub)
+  except _Mixes as e:
+    return [State(mixed=f"{where} {e}")] * n
+  except (KeyError, AttributeError, IndexError, TypeError, ValueError) as e:
+    return [State(mixed=f"{where}: its batching rule failed ({type(e).__name__}: {e})")] * n
+  assert len(outs) == n, where
+  return list(outs)
+
+
+# Helpers shared by the rules.
+
+def _shape(atom) -> tuple[int, ...]:
+  return tuple(atom.aval.shape)
+
+
+def _const_on(s: State, shape: tuple, a: int) -> bool:
+  """An unbatched value that is the same at every position of axis `a`."""
+  return s.axis is None and s.mixed is None and (not shape or shape[a] == 1 or a in s.const)
+
+
+def _plain(eqn) -> list[State]:
+  return [UNBATCHED] * len(eqn.outvars)
+
+
+def _common_axis(eqn, ins, operands: Sequence[int]) -> int | None:
+  """The batch axis shared by `operands` (same shapes); unbatched ones must be constant
+  along it. None when all are unbatched."""
+  axes = {ins[i].axis for i in operands if ins[i].axis is not None}
+  if len(axes) > 1:
+    raise _Mixes(f"combines values batched on different axes {sorted(axes)}")
+  if not axes:
+    return None
+  k, = axes
+  sizes = {_shape(eqn.invars[i])[k] for i in operands if ins[i].axis == k}
+  if len(sizes) > 1:
+    raise _Mixes(f"combines batch axes of sizes {sorted(sizes)}")
+  for i in operands:
+    shape = _shape(eqn.invars[i])
+    if ins[i].axis is None and not _const_on(ins[i], shape, k):
+      raise _Mixes(f"combines the batch axis {k} with a constant of shape {shape} "
+                   "that varies along it (a position-dependent constant)")
+  return k
+
+
+def _common_const(eqn, ins, operands: Sequence[int], ndim: int) -> frozenset:
+  return frozenset(a for a in range(ndim) if all(
+      _const_on(ins[i], _shape(eqn.invars[i]), a) for i in operands))
+
+
+def _map_const(s: State, shape: tuple, where: Callable[[int], int | None]) -> frozenset:
+  axes = (a for a in range(len(shape)) if a in s.const or shape[a] == 1)
+  return frozenset(b for b in map(where, axes) if b is not None)
+
+
+# Elementwise and identity-like primitives.
+
+_ELEMENTWISE = (
+    "add", "sub", "mul", "div", "rem", "pow", "max", "min", "atan2", "nextafter",
+    "neg", "sign", "floor", "ceil", "round", "is_finite", "exp", "exp2", "log", "log1p",
+    "log2", "expm1", "tanh", "logistic", "sin", "cos", "tan", "asin", "acos", "atan",
+    "sinh", "cosh", "asinh", "acosh", "atanh", "sqrt", "rsqrt", "cbrt", "square",
+    "integer_pow", "abs", "erf", "erfc", "erf_inv", "lgamma", "digamma", "polygamma",
+    "igamma", "igammac", "igamma_grad_a", "zeta", "bessel_i0e", "bessel_i1e",
+    "regularized_incomplete_beta", "one_minus_square", "logaddexp", "select_n", "clamp",
+    "convert_element_type", "bitcast_convert_type", "reduce_precision", "copy",
+    "stop_gradient", "add_jaxvals", "real", "imag", "complex", "conj", "eq", "ne", "lt",
+    "le", "gt", "ge", "eq_to", "lt_to", "le_to", "and", "or", "not", "xor", "shift_left",
+    "shift_right_arithmetic", "shift_right_logical", "population_count", "clz", "mulhi",
+    "sharding_constraint")
+
+
+@_register(_ELEMENTWISE)
+def _elementwise(eqn, ins, sub):
+  out = _shape(eqn.outvars[0])
+  if any(len(_shape(x)) not in (0, len(out)) for x in eqn.invars):
+    raise _Mixes("has operands of unexpected rank")
+  ops = range(len(ins))
+  k = _common_axis(eqn, ins, ops)
+  if k is None:
+    return [State(const=_common_const(eqn, ins, ops, len(out)))] * len(eqn.outvars)
+  if any(_shape(x)[k] != out[k] for x, s in zip(eqn.invars, ins) if s.axis == k):
+    raise _Mixes(f"broadcasts the batch axis {k}")
+  return [State(k)] * len(eqn.outvars)
+
+
+@_register(("device_put", "optimization_barrier"))
+def _identity(eqn, ins, sub):
+  if len(ins) != len(eqn.outvars):
+    raise _Mixes("has as many outputs as operands only in known versions")
+  return list(ins)
+
+
+@_register(("iota",))
+def _iota(eqn, ins, sub):
+  ndim = len(_shape(eqn.outvars[0]))
+  return [State(const=frozenset(range(ndim)) - {eqn.params["dimension"]})]
+
+
+# Structural primitives.
+
+@_register(("broadcast_in_dim",))
+def _broadcast_in_dim(eqn, ins, sub):
+  if len(ins) != 1:
+    raise _Mixes("has dynamic shape operands")
+  s, shape, out = ins[0], _shape(eqn.invars[0]), _shape(eqn.outvars[0])
+  dims = tuple(eqn.params["broadcast_dimensions"])
+  if s.axis is None:
+    new = frozenset(range(len(out))) - set(dims)
+    return [State(const=new | _map_const(s, shape, lambda a: dims[a]))]
+  k = dims[s.axis]
+  if out[k] != shape[s.axis]:
+    raise _Mixes(f"expands the batch axis {s.axis} from size {shape[s.axis]}")
+  return [State(k)]
+
+
+def _reshape_axis(shape: tuple, out: tuple, a: int) -> int | None:
+  """The output axis that reshape keeps axis `a` as (same size, same row-major prefix)."""
+  prefix = math.prod(shape[:a])
+  for j, n in enumerate(out):
+    if n == shape[a] and math.prod(out[:j]) == prefix:
+      return j
+  return None
+
+
+@_register(("reshape",))
+def _reshape(eqn, ins, sub):
+  if len(ins) != 1 or eqn.params.get("dimensions") is not None:
+    raise _Mixes("reorders or has dynamic shape operands")
+  s, shape, out = ins[0], _shape(eqn.invars[0]), _shape(eqn.outvars[0])
+  if s.axis is None:
+    return [State(const=_map_const(s, shape, lambda a: _reshape_axis(shape, out, a)))]
+  j = _reshape_axis(shape, out, s.axis)
+  if j is None:
+    raise _Mixes(f"merges or splits the batch axis {s.axis}: {shape} -> {out}")
+  return [State(j)]
+
+
+@_register(("squeeze",))
+def _squeeze(eqn, ins, sub):
+  s, shape, dims = ins[0], _shape(eqn.invars[0]), tuple(eqn.params["dimensions"])
+  where = lambda a: None if a in dims else a - sum(d < a for d in dims)
+  if s.axis is None:
+    return [State(const=_map_const(s, shape, where))]
+  if s.axis in dims:
+    raise _Mixes(f"squeezes the batch axis {s.axis}")
+  return [State(where(s.axis))]
+
+
+@_register(("transpose",))
+def _transpose(eqn, ins, sub):
+  s, perm = ins[0], tuple(eqn.params["permutation"])
+  if s.axis is None:
+    return [State(const=_map_const(s, _shape(eqn.invars[0]), perm.index))]
+  return [State(perm.index(s.axis))]
+
+
+def _untouched(eqn, ins, touched: Callable[[int], bool], what: str) -> list[State]:
+  """Operand 0 keeps its axes; the batch axis must not be `touched`."""
+  s = ins[0]
+  if any(t.axis is not None for t in ins[1:]):
+    raise _Mixes("takes a batched index or fill value")
+  if s.axis is None:
+    return [State(const=frozenset(a for a in s.const if not touched(a)))] * len(
+        eqn.outvars)
+  if touched(s.axis):
+    raise _Mixes(f"{what} along the batch axis {s.axis}")
+  return [State(s.axis)] * len(eqn.outvars)
+
+
+@_register(("slice",))
+def _slice(eqn, ins, sub):
+  p, shape = eqn.params, _shape(eqn.invars[0])
+  strides = p["strides"] or (1,) * len(shape)
+  full = lambda a: (p["start_indices"][a], p["limit_indices"][a], strides[a]) == (
+      0, shape[a], 1)
+  return _untouched(eqn, ins, lambda a: not full(a), "slices")
+
+
+@_register(("pad",))
+def _pad(eqn, ins, sub):
+  config = eqn.params["padding_config"]
+  return _untouched(eqn, ins, lambda a: tuple(config[a]) != (0, 0, 0), "pads")
+
+
+@_register(("rev",))
+def _rev(eqn, ins, sub):
+  return _untouched(eqn, ins, lambda a: a in eqn.params["dimensions"], "reverses")
+
+
+@_register(("cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"))
+def _cumulative(eqn, ins, sub):
+  return _untouched(eqn, ins, lambda a: a == eqn.params["axis"], "accumulates")
+
+
+@_register(("reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and",
+            "reduce_or", "reduce_xor", "argmax", "argmin"))
+def _reduction(eqn, ins, sub):
+  s, shape, axes = ins[0], _shape(eqn.invars[0]), tuple(eqn.params["axes"])
+  where = lambda a: None if a in axes else a - sum(d < a for d in axes)
+  if s.axis is None:
+    return [State(const=_map_const(s, shape, where))]
+  if s.axis in axes:
+    raise _Mixes(f"reduces over the batch axis {s.axis}")
+  return [State(where(s.axis))]
+
+
+@_register(("reduce",))
+def _reduce(eqn, ins, sub):
+  n, dims = len(eqn.outvars), tuple(eqn.params["dimensions"])
+  if any(s.axis is not None for s in ins[n:]):
+    raise _Mixes("has a batched initial value")
+  k = _common_axis(eqn, ins, range(n))
+  if k is None:
+    return _plain(eqn)
+  if k in dims:
+    raise _Mixes(f"reduces over the batch axis {k}")
+  return [State(k - sum(d < k for d in dims))] * n
+
+
+@_register(("sort",))
+def _sort(eqn, ins, sub):
+  k = _common_axis(eqn, ins, range(len(ins)))
+  if k is None:
+    return _plain(eqn)
+  if k == eqn.params["dimension"]:
+    raise _Mixes(f"sorts along the batch axis {k}")
+  return [State(k)] * len(eqn.outvars)
+
+
+@_register(("top_k",))
+def _top_k(eqn, ins, sub):
+  last = len(_shape(eqn.invars[0])) - 1
+  axis = eqn.params.get("axis", last)
+  return _untouched(eqn, ins, lambda a: a == axis % (last + 1), "selects the top k")
+
+
+@_register(("split",))
+def _split(eqn, ins, sub):
+  return _untouched(eqn, ins, lambda a: a == eqn.params["axis"], "splits")
+
+
+@_register(("stack",))
+def _stack(eqn, ins, sub):
+  axis = eqn.params["axis"]
+  where = lambda a: a + (a >= axis)
+  k = _common_axis(eqn, ins, range(len(ins)))
+  if k is None:
+    ndim = len(_shape(eqn.invars[0]))
+    return [State(const=frozenset(map(where, _common_const(eqn, ins, range(len(ins)),
+                                                           ndim))))]
+  return [State(where(k))]
+
+
+@_register(("unstack",))
+def _unstack(eqn, ins, sub):
+  axis = eqn.params["axis"]
+  s, shape = ins[0], _shape(eqn.invars[0])
+  where = lambda a: None if a == axis else a - (a > axis)
+  if s.axis is None:
+    return [State(const=_map_const(s, shape, where))] * len(eqn.outvars)
+  if s.axis == axis:
+    raise _Mixes(f"unstacks the batch axis {axis}")
+  return [State(where(s.axis))] * len(eqn.outvars)
+
+
+@_register(("tile",))
+def _tile(eqn, ins, sub):
+  return _untouched(eqn, ins, lambda a: eqn.params["reps"][a] != 1, "tiles")
+
+
+@_register(("concatenate",))
+def _concatenate(eqn, ins, sub):
+  k = _common_axis(eqn, ins, range(len(ins)))
+  if k is None:
+    return _plain(eqn)
+  if k == eqn.params["dimension"]:
+    raise _Mixes(f"concatenates along the batch axis {k}")
+  return [State(k)]
+
+
+@_register(("dynamic_slice",))
+def _dynamic_slice(eqn, ins, sub):
+  sizes, shape = eqn.params["slice_sizes"], _shape(eqn.invars[0])
+  return _untouched(eqn, ins, lambda a: sizes[a] != shape[a], "slices")
+
+
+@_register(("dynamic_update_slice",))
+def _dynamic_update_slice(eqn, ins, sub):
+  if any(s.axis is not None for s in ins[2:]):
+    raise _Mixes("takes a batched start index")
+  k = _common_axis(eqn, ins, (0, 1))
+  if k is None:
+    return _plain(eqn)
+  if _shape(eqn.invars[1])[k] != _shape(eqn.invars[0])[k]:
+    raise _Mixes(f"updates part of the batch axis {k}")
+  return [State(k)]
+
+
+# Windowed primitives: the window must leave the batch axis alone.
+
+_WINDOWED = {"reduce_window_sum": 1, "reduce_window_max": 1, "reduce_window_min": 1,
+             "select_and_scatter_add": 2, "select_and_gather_add": 2,
+             "select_and_scatter": 2}
+_WINDOW_OPERANDS = {_prim(n): k for n, k in _WINDOWED.items()}  # the rest: inits
+
+
+@_register(tuple(_WINDOWED) + ("reduce_window",))
+def _window(eqn, ins, sub):
+  n = _WINDOW_OPERANDS.get(eqn.primitive, len(eqn.outvars))
+  if any(s.axis is not None for s in ins[n:]):
+    raise _Mixes("has a batched initial value")
+  k = _common_axis(eqn, ins, range(n))
+  if k is None:
+    return _plain(eqn)
+  p = eqn.params
+  trivial = (p["window_dimensions"][k] == 1 and p["window_strides"][k] == 1
+             and tuple(p["padding"][k]) == (0, 0)
+             and all(p[d][k] == 1 for d in ("base_dilation", "window_dilation") if d in p))
+  if not trivial:
+    raise _Mixes(f"slides a window along the batch axis {k}")
+  return [State(k)] * len(eqn.outvars)
+
+
+# Contractions.
+
+@_register(("dot_general",))
+def _dot_general(eqn, ins, sub):
+  (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+  (lhs, rhs), (ls, rs) = ins[:2], (_shape(eqn.invars[0]), _shape(eqn.invars[1]))
+  lfree = [a for a in range(len(ls)) if a not in lc and a not in lb]
+  rfree = [a for a in range(len(rs)) if a not in rc and a not in rb]
+  if lhs.axis is None and rhs.axis is None:
+    const = {i for i, (a, b) in enumerate(zip(lb, rb))
+             if _const_on(lhs, ls, a) and _const_on(rhs, rs, b)}
+    const |= {len(lb) + i for i, a in enumerate(lfree) if _const_on(lhs, ls, a)}
+    const |= {len(lb) + len(lfree) + i for i, b in enumerate(rfree)
+              if _const_on(rhs, rs, b)}
+    return [State(const=frozenset(const))]
+  sides = ((lhs, lc, lb, lfree, rhs, rs, rb, len(lb)),
+           (rhs, rc, rb, rfree, lhs, ls, lb, len(lb) + len(lfree)))
+  for s, contract, batch, free, other, other_shape, other_batch, offset in sides:
+    if s.axis is None:
+      continue
+    k = s.axis
+    if k in contract:
+      raise _Mixes(f"contracts the batch axis {k}")
+    if k in batch:
+      i = batch.index(k)
+      if other.axis == other_batch[i] or _const_on(other, other_shape, other_batch[i]):
+        return [State(i)]
+      raise _Mixes(f"pairs the batch axis {k} with an axis of the other operand that "
+                   "is neither batched nor constant")
+    if other.axis is not None:
+      raise _Mixes("multiplies two batched operands along different axes "
+                   "(an outer product over examples)")
+    return [State(offset + free.index(k))]
+  raise AssertionError("unreachable")
+
+
+@_register(("conv_general_dilated",))
+def _conv(eqn, ins, sub):
+  lhs, rhs = ins
+  if lhs.axis is None and rhs.axis is None:
+    return _plain(eqn)
+  dn = eqn.params["dimension_numbers"]
+  if rhs.axis is not None:
+    raise _Mixes("has a kernel that depends on the batch")
+  if lhs.axis != dn.lhs_spec[0]:
+    raise _Mixes(f"convolves along the batch axis {lhs.axis}")
+  if eqn.params["batch_group_count"] != 1:
+    raise _Mixes("groups the batch (batch_group_count > 1)")
+  return [State(dn.out_spec[0])]
+
+
+# Indexing.
+
+@_register(("gather",))
+def _gather(eqn, ins, sub):
+  (op, idx), dn = ins, eqn.params["dimension_numbers"]
+  os_, is_, out = _shape(eqn.invars[0]), _shape(eqn.invars[1]), _shape(eqn.outvars[0])
+  batch_pos = [j for j in range(len(out)) if j not in dn.offset_dims]
+  if op.axis is None and idx.axis is None:
+    return _plain(eqn)
+  if idx.axis is not None:  # E[tokens], or both batched on paired batching dims
+    k = idx.axis
+    if k == len(is_) - 1:
+      raise _Mixes("indexes with the batch axis as the index vector")
+    if k in dn.start_indices_batching_dims:
+      ob = dn.operand_batching_dims[dn.start_indices_batching_dims.index(k)]
+      if op.axis != ob and not _const_on(op, os_, ob):
+        raise _Mixes(f"pairs batched indices with operand axis {ob}, which varies")
+    elif op.axis is not None:
+      raise _Mixes("gathers from a batched operand at batched indices")
+    return [State(batch_pos[k])]
+  k = op.axis  # x[:, idx]: the batch axis must pass through whole
+  if k in dn.operand_batching_dims:
+    ib = dn.start_indices_batching_dims[dn.operand_batching_dims.index(k)]
+    if not _const_on(idx, is_, ib):
+      raise _Mixes(f"pairs the batch axis {k} with indices that vary along it")
+    return [State(batch_pos[ib])]
+  if (k in dn.collapsed_slice_dims or k in dn.start_index_map
+      or eqn.params["slice_sizes"][k] != os_[k]):
+    raise _Mixes(f"selects along the batch axis {k}")
+  window = [a for a in range(len(os_))
+            if a not in dn.collapsed_slice_dims and a not in dn.operand_batching_dims]
+  return [State(dn.offset_dims[window.index(k)])]
+
+
+@_register(("scatter", "scatter_add", "scatter_sub", "scatter_mul", "scatter_min",
+            "scatter_max"))
+def _scatter(eqn, ins, sub):
+  (op, idx, upd), dn = ins, eqn.params["dimension_numbers"]
+  os_, is_, us = (_shape(x) for x in eqn.invars)
+  if all(s.axis is None for s in ins):
+    return _plain(eqn)
+  scatter_pos = [j for j in range(len(us)) if j not in dn.update_window_dims]
+  if idx.axis is not None:  # only per-example scatters on paired batching dims
+    kb = idx.axis
+    if kb not in dn.scatter_indices_batching_dims:
+      raise _Mixes("scatters batched indices into shared positions")
+    ob = dn.operand_batching_dims[dn.scatter_indices_batching_dims.index(kb)]
+    u = scatter_pos[kb]
+    if ((op.axis == ob or _const_on(op, os_, ob))
+        and (upd.axis == u or _const_on(upd, us, u))):
+      return [State(ob)]
+    raise _Mixes("scatters at batched indices into a value not batched alike")
+  window = [a for a in range(len(os_))
+            if a not in dn.inserted_window_dims and a not in dn.operand_batching_dims]
+  if op.axis is not None:
+    k = op.axis
+  elif upd.axis in dn.update_window_dims:
+    k = window[list(dn.update_window_dims).index(upd.axis)]
+  else:
+    raise _Mixes("scatters batched updates into shared positions")
+  if k not in window or k in dn.scatter_dims_to_operand_dims:
+    raise _Mixes(f"scatters along the batch axis {k}")
+  u = dn.update_window_dims[window.index(k)]
+  if us[u] != os_[k]:
+    raise _Mixes(f"updates part of the batch axis {k}")
+  if not ((op.axis == k or _const_on(op, os_, k)) and (upd.axis == u or _const_on(upd, us, u))):
+    raise _Mixes(f"combines the batch axis {k} with a value that varies along it")
+  return [State(k)]
+
+
+# Calls and control flow.
+
+_CUSTOM = compat.custom_derivative_primitives()
+
+
+def _call(eqn, ins, sub):
+  """jit, closed_call, remat, custom_jvp / custom_vjp: walk the (primal) body."""
+  body = compat.call_body(eqn)
+  if body is not None:
+    return sub(body[0], ins)
+  bodies = [j for j in compat.sub_jaxprs(eqn)
+            if len(j.invars) == len(ins) and len(j.outvars) == len(eqn.outvars)]
+  if len(bodies) != 1:
+    raise _Mixes("has no body the pass can read")
+  return sub(bodies[0], ins)
+
+
+def _join(a: State, b: State, shape: tuple) -> State:
+  """A state that covers both a and b (loop carries, branch outputs)."""
+  if a.mixed is not None or b.mixed is not None:
+    return a if a.mixed is not None else b
+  if a.axis is None and b.axis is None:
+    return State(const=a.const & b.const)
+  if a.axis is not None and b.axis is not None:
+    if a.axis != b.axis:
+      raise _Mixes(f"moves the batch axis from {a.axis} to {b.axis} across iterations "
+                   "or branches")
+    return a
+  s, k = (b, a.axis) if a.axis is not None else (a, b.axis)
+  if not _const_on(s, shape, k):
+    raise _Mixes(f"joins the batch axis {k} with a constant that varies along it")
+  return State(k)
+
+
+def _fixed_point(body, consts: list, carry: list, xs: list, shapes: list, sub):
+  """Carry states that the body maps into themselves, and the body's outputs there."""
+  for _ in range(4 * len(carry) + 8):
+    outs = sub(body, consts + carry + xs)
+    new = [_join(c, o, s) for c, o, s in zip(carry, outs, shapes)]
+    if new == carry:
+      return carry, outs[len(carry):]
+    carry = new
+  raise _Mixes("has a loop carry whose batching does not settle")
+
+
+def _drop_leading(s: State) -> State:
+  if s.axis is not None:
+    return State(s.axis - 1)
+  return State(const=frozenset(a - 1 for a in s.const if a > 0))
+
+
+@_register(("scan",))
+def _scan(eqn, ins, sub):
+  layout = compat.scan_layout(eqn)
+  if layout is None:
+    raise _Mixes("has a layout the pass cannot read")
+  nc, ncar = layout
+  body = compat.open_jaxpr(eqn.params["jaxpr"])
+  xs = ins[nc + ncar:]
+  if any(s.axis == 0 for s in xs):
+    raise _Mixes("scans over the batch axis 0")
+  shapes = [_shape(v) for v in eqn.invars[nc:nc + ncar]]
+  carry, ys = _fixed_point(body, ins[:nc], ins[nc:nc + ncar],
+                           [_drop_leading(s) for s in xs], shapes, sub)
+  stacked = [State(s.axis + 1) if s.axis is not None else
+             s if s.mixed is not None else State(const=frozenset(a + 1 for a in s.const))
+             for s in ys]
+  return carry + stacked
+
+
+@_register(("while",))
+def _while(eqn, ins, sub):
+  p = eqn.params
+  nc, nb = p["cond_nconsts"], p["body_nconsts"]
+  init = ins[nc + nb:]
+  shapes = [_shape(v) for v in eqn.invars[nc + nb:]]
+  carry, _ = _fixed_point(compat.open_jaxpr(p["body_jaxpr"]), ins[nc:nc + nb], init, [],
+                          shapes, sub)
+  pred, = sub(compat.open_jaxpr(p["cond_jaxpr"]), ins[:nc] + carry)
+  if pred.mixed is not None:
+    raise _Mixes(f"has a loop condition where examples meet: {pred.mixed}")
+  if pred.axis is not None:
+    raise _Mixes("has a loop condition that depends on the batch")
+  return carry
+
+
+@_register(("cond",))
+def _cond(eqn, ins, sub):
+  if ins[0].axis is not None:
+    raise _Mixes("chooses a branch by a batched predicate")
+  outs = None
+  for branch in eqn.params["branches"]:
+    states = sub(compat.open_jaxpr(branch), ins[1:])
+    outs = states if outs is None else [
+        _join(a, b, _shape(v)) for a, b, v in zip(outs, states, eqn.outvars)]
+  return outs
+
+
+def literals(jaxpr) -> list:
+  """Every equation's primitive and literal operands, sub-jaxprs included, in order.
+
+  Two traces of f at different batch sizes give equal lists unless a value depends on
+  the batch size (`x / x.shape[0]`), which the propagation above cannot see.
+  """
+  out = []
+  for eqn in compat.open_jaxpr(jaxpr).eqns:
+    lits = tuple(repr(getattr(a, "val", None)) for a in eqn.invars
+                 if isinstance(a, compat.Literal))
+    out.append((eqn.primitive, lits))
+    for sub in compat.sub_jaxprs(eqn):
+      out += literals(sub)
+  return out
+
+
+def infer(trace_at: Callable[[int], Any], num_params: int, batch: int) -> Decision:
+  """Batch independence of f, traced by `trace_at(n)` (a jaxpr at batch size n).
+
+  Traced at two batch sizes (at least 2 and 3, where size-1 broadcasting cannot hide
+  a mixing axis): the propagation must prove independence on the first, and both
+  traces must agree on every primitive and literal.
+  """
+  n = max(batch, 2)
+  first, second = trace_at(n), trace_at(n + 1)
+  flags = [i >= num_params for i in range(len(compat.open_jaxpr(first).invars))]
+  decision = analyse(first, flags)
+  if decision.independent and literals(first) != literals(second):
+    return Decision(False, "f's program changes with the batch size (a value depends on "
+                           "the number of examples)")
+  return decision
