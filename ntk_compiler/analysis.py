@@ -188,8 +188,11 @@ class _Builder:
       elif rule is None:
         stop = (f"before {eqn.primitive}: no rule for it", True)
       else:
-        results = _per_output(rule(info, operand), len(eqn.outvars))
-        stop = (f"before {eqn.primitive}: its rule declines operand {operand}", True)
+        answer = rule(info, operand)
+        results = _per_output(answer, len(eqn.outvars))
+        stop = ((f"before {eqn.primitive} (nonlinear in operand {operand})", False)
+                if answer is rules_lib.NONLINEAR_OPERAND else
+                (f"before {eqn.primitive}: its rule declines operand {operand}", True))
       for view in vs:
         new, why = [], None
         for j, result in enumerate(results or ()):
@@ -270,7 +273,7 @@ _CUSTOM = compat.custom_derivative_primitives()
 
 def _per_output(result, num_outputs: int):
   """A rule's answer as one result per output, or None if it declines."""
-  if result is None:
+  if result is None or result is rules_lib.NONLINEAR_OPERAND:
     return None
   results = tuple(result) if isinstance(result, (tuple, list)) else (result,)
   if len(results) != num_outputs or any(r is None for r in results):

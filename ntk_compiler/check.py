@@ -102,7 +102,7 @@ def check_eqn(eqn, invals: list, operand: int, rule, atol: float | None = None
                            tuple(v.aval for v in eqn.invars),
                            tuple(v.aval for v in eqn.outvars))
   result = rule(info, operand)
-  if result is None:
+  if result is None or result is rules_lib.NONLINEAR_OPERAND:
     return RuleCheck(primitive, operand, None, 0.0)
   results = result if primitive.multiple_results else (result,)
   if len(results) != len(eqn.outvars):

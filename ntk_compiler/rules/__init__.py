@@ -60,6 +60,16 @@ class RuleResult:
 Rule = Callable[[EqnInfo, int], "RuleResult | None"]
 
 
+class _NonlinearOperand:
+  def __repr__(self):
+    return "NONLINEAR_OPERAND"
+
+
+# What a rule returns for an operand the primitive is nonlinear in (div's denominator):
+# the engine takes the cotangent there, which loses nothing and is not a fallback.
+NONLINEAR_OPERAND = _NonlinearOperand()
+
+
 def _nonlinear_primitives() -> frozenset:
   names = ["tanh", "exp", "exp2", "log", "log1p", "expm1", "logistic", "sin", "cos",
            "tan", "asin", "acos", "atan", "atan2", "sinh", "cosh", "asinh", "acosh",

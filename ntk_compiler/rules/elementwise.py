@@ -15,7 +15,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend.core import primitives as prims
 
-from ntk_compiler.rules import EqnInfo, Rule, RuleResult, register_rule
+from ntk_compiler.rules import (NONLINEAR_OPERAND, EqnInfo, Rule, RuleResult,
+                                register_rule)
 from ntk_compiler.structure import Structure
 
 
@@ -128,8 +129,10 @@ def mul_rule(eqn: EqnInfo, operand: int) -> RuleResult | None:
 @register_rule(lax.div_p)
 def div_rule(eqn: EqnInfo, operand: int) -> RuleResult | None:
   """The numerator only, with factor 1 / denominator; the denominator is not linear."""
-  if operand != 0 or not _floats(eqn, operand):
+  if not _floats(eqn, operand):
     return None
+  if operand == 1:
+    return NONLINEAR_OPERAND
   return _scaled(eqn, operand, lambda *ops: 1 / jnp.asarray(ops[1]),
                  eqn.in_avals[1].shape, (1,))
 
