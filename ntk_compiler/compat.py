@@ -50,12 +50,6 @@ def read_atom(env: dict, atom: Any) -> Any:
   return atom.val if isinstance(atom, Literal) else env[atom]
 
 
-def aval_of(x: Any) -> Any:
-  """The abstract value of an array (`jax.typeof` where it exists)."""
-  typeof = getattr(jax, "typeof", None)
-  return typeof(x) if typeof is not None else jax.core.get_aval(x)
-
-
 def _call_primitives() -> dict:
   from jax.extend.core import primitives as p
   table = {p.jit_p: "jaxpr", p.closed_call_p: "call_jaxpr", p.remat_p: "jaxpr",

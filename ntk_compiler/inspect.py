@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 from ntk_compiler import analysis
@@ -89,7 +88,3 @@ def leaf_reports(plan: analysis.Plan, paths: list[str], contractions: dict[int, 
     reports.append(LeafReport(path, tuple(shape), uses,
                               contractions.get(leaf, "unused"), flops.get(leaf, 0)))
   return tuple(reports)
-
-
-def size(shape) -> int:
-  return math.prod(shape)
