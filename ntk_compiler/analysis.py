@@ -37,6 +37,7 @@ class Factor:
   labels: tuple[int, ...]
   batched: bool  # depends on the example (per-example mode: carries the example axis)
   rule: str
+  one_hot: int | None = None  # its value: positions of the 1s along this axis of labels
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -224,7 +225,8 @@ class _Builder:
       return None, "it would add a second per-example factor"
     y_labels, f_labels = structure.labels(view.labels, len(y_shape), self.fresh)
     self._size_labels(y_labels, y_shape)
-    factor = Factor(next(self.ids), path, result.factor, tuple(f_labels), batched, name)
+    factor = Factor(next(self.ids), path, result.factor, tuple(f_labels), batched, name,
+                    result.one_hot)
     self.factor_sites.setdefault(path, []).append((factor, operand))
     # Labels summed away with nothing left to carry them multiply by their size.
     scale = view.scale
@@ -305,11 +307,19 @@ class Labels:
 
 @dataclasses.dataclass(frozen=True)
 class Operand:
-  """One einsum operand of a use: its cotangent ("ct", cut id) or a factor ("factor", id)."""
+  """One einsum operand of a use: its cotangent ("ct", cut id), a factor ("factor", id),
+  or the comparison of two one-hot factors' positions ("mask", `parts`)."""
   kind: str
   id: int
   labels: tuple[int, ...]
   shape: tuple[int, ...]
+  one_hot: int | None = None  # a one-hot factor: the axis its positions select along
+  parts: tuple = ()
+
+  @property
+  def rest(self) -> tuple[int, ...]:
+    """The labels of a one-hot factor's positions (all but the one-hot axis)."""
+    return tuple(l for i, l in enumerate(self.labels) if i != self.one_hot)
 
 
 def operands(plan: Plan, use: Use, side_labels: list[int], out_shape, tag: str,
@@ -330,8 +340,63 @@ def operands(plan: Plan, use: Use, side_labels: list[int], out_shape, tag: str,
     prefix = tuple(side_labels[:1]) if batched else ()
     shape = (tuple(out_shape[:1]) if batched else ()) + tuple(
         plan.label_sizes[l] for l in f.labels)
-    ops.append(Operand("factor", f.id, prefix + tuple(name(l) for l in f.labels), shape))
+    hot = None if f.one_hot is None else len(prefix) + f.one_hot
+    ops.append(Operand("factor", f.id, prefix + tuple(name(l) for l in f.labels), shape,
+                       hot))
   return ops
+
+
+def match_one_hots(ops: list[Operand], keep) -> list[Operand]:
+  """Two one-hot factors along a label that no other operand (nor `keep`) carries sum
+  to Σ_l [p1 = l][p2 = l] = [p1 = p2]: they become one "mask" operand comparing their
+  positions (the embedding term: ids compared, no vocabulary-sized arrays)."""
+  ops = list(ops)
+  while True:
+    hots = [o for o in ops if o.one_hot is not None]
+    pair = next(((a, b) for a, b in itertools.combinations(hots, 2)
+                 if a.labels[a.one_hot] == b.labels[b.one_hot]
+                 and a.labels[a.one_hot] not in keep
+                 and not any(a.labels[a.one_hot] in o.labels
+                             for o in ops if o is not a and o is not b)), None)
+    if pair is None:
+      return ops
+    a, b = pair
+    sizes = _sizes([a, b])
+    union = tuple(dict.fromkeys(a.rest + b.rest))
+    mask = Operand("mask", -1, union, tuple(sizes[l] for l in union), parts=(a, b))
+    ops = [o for o in ops if o is not a and o is not b] + [mask]
+
+
+def scattered_one_hot(ops: list[Operand], out) -> Operand | None:
+  """A one-hot factor whose axis is an output label carried by no other operand: the
+  contraction of the rest is scatter-added along it instead of multiplied."""
+  for o in ops:
+    if o.one_hot is not None and o.labels[o.one_hot] in out and not any(
+        o.labels[o.one_hot] in p.labels for p in ops if p is not o):
+      return o
+  return None
+
+
+def scatter_labels(hot: Operand, out) -> list[int]:
+  """The labels of what is scatter-added: `out` without the one-hot axis, then the
+  labels of the positions that `out` lacks."""
+  axis = hot.labels[hot.one_hot]
+  return [l for l in out if l != axis] + [l for l in hot.rest if l not in out]
+
+
+def contraction_flops(ops: list[Operand], out) -> int:
+  """FLOPs of contracting `ops` to the labels `out`, one-hot factors matched or
+  scattered where they can be."""
+  ops = match_one_hots(ops, set(out))
+  hot = scattered_one_hot(ops, out)
+  if hot is None:
+    return cost.einsum_flops([o.labels for o in ops], list(out), _sizes(ops))
+  rest = [o for o in ops if o is not hot]
+  inner = scatter_labels(hot, out)
+  carried = [l for l in inner if any(l in o.labels for o in rest)]
+  sizes = _sizes(ops)
+  return (cost.einsum_flops([o.labels for o in rest], carried, sizes)
+          + math.prod(sizes[l] for l in inner))
 
 
 def _sizes(ops: list[Operand]) -> dict[int, int]:
@@ -351,7 +416,7 @@ def leaf_costs(plan1: Plan, plan2: Plan, leaf: int, layout, shape1, shape2,
       labels = Labels(layout.num_indices)
       ops = (operands(plan1, u, s1, shape1, "1", labels, per_example)
              + operands(plan2, v, s2, shape2, "2", labels, per_example))
-      pairwise += cost.einsum_flops([o.labels for o in ops], result, _sizes(ops))
+      pairwise += contraction_flops(ops, result)
   w_size = math.prod(plan1.leaf_shapes[leaf])
   materialised = math.prod(layout.kernel_shape(shape1, shape2)) * layout.trace_size(
       shape1) * w_size
@@ -363,7 +428,7 @@ def leaf_costs(plan1: Plan, plan2: Plan, leaf: int, layout, shape1, shape2,
       ops = operands(plan, u, side, shape, "1", labels, per_example)
       w_out = [labels(("w", i)) for i in range(len(u.view.base_shape))]
       out = list(side) + [l for l in w_out if l in _sizes(ops)]
-      materialised += cost.einsum_flops([o.labels for o in ops], out, _sizes(ops))
+      materialised += contraction_flops(ops, out)
   return pairwise, materialised
 
 

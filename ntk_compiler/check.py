@@ -12,7 +12,7 @@ import numpy as np
 
 from ntk_compiler import compat
 from ntk_compiler import rules as rules_lib
-from ntk_compiler.structure import Structure, structure_violations
+from ntk_compiler.structure import Structure, one_hot_factor, structure_violations
 
 
 class RuleCheckError(AssertionError):
@@ -75,15 +75,26 @@ def check_rule(primitive: Any, fn: Callable[..., Any], *args: Any, argnum: int =
     rule = table[primitive]
   closed = jax.make_jaxpr(fn)(*args)
   jaxpr = compat.open_jaxpr(closed)
-  target = jaxpr.invars[argnum]
-  env = dict(zip(jaxpr.constvars, closed.consts))
-  env.update(zip(jaxpr.invars, args))
   found = []
-  for eqn in jaxpr.eqns:
-    invals = [compat.read_atom(env, v) for v in eqn.invars]
-    if eqn.primitive is primitive:
-      found += [(eqn, invals, i) for i, v in enumerate(eqn.invars) if v is target]
-    env.update(zip(eqn.outvars, compat.bind_eqn(eqn, invals)))
+
+  def run(jaxpr, consts, invals, targets):  # finds the eqns `targets` flow into
+    env = dict(zip(jaxpr.constvars, consts))
+    env.update(zip(jaxpr.invars, invals))
+    for eqn in jaxpr.eqns:
+      vals = [compat.read_atom(env, v) for v in eqn.invars]
+      hits = [i for i, v in enumerate(eqn.invars) if any(v is t for t in targets)]
+      body = compat.call_body(eqn)
+      if body is not None:  # jit, checkpoint: look inside
+        inner, inner_consts = body
+        outs = run(inner, inner_consts, vals, [inner.invars[i] for i in hits])
+      else:
+        if eqn.primitive is primitive:
+          found.extend((eqn, vals, i) for i in hits)
+        outs = compat.bind_eqn(eqn, vals)
+      env.update(zip(eqn.outvars, outs))
+    return [compat.read_atom(env, v) for v in jaxpr.outvars]
+
+  run(jaxpr, closed.consts, list(args), [jaxpr.invars[argnum]])
   if len(found) != 1:
     raise ValueError(f"check_rule needs args[{argnum}] to flow directly into exactly one "
                      f"{primitive} equation of fn; found {len(found)}.")
@@ -140,6 +151,13 @@ def _check_output(eqn, invals, operand, j, result, atol, where):
   structure.validate(out.shape, w.shape, where)
   factor = jnp.asarray(result.factor(*invals))
   expected_shape = structure.factor_shape(out.shape, w.shape)
+  if result.one_hot is not None:
+    axis = result.one_hot
+    if (not 0 <= axis < len(expected_shape)
+        or not jnp.issubdtype(factor.dtype, jnp.integer)):
+      raise RuleCheckError(f"{where}: one_hot={axis} needs integer positions and an "
+                           f"axis of the factor shape {expected_shape}.")
+    factor = one_hot_factor(factor, axis, expected_shape[axis], out.dtype)
   if factor.shape != expected_shape:
     raise RuleCheckError(f"{where}: factor has shape {factor.shape}, but {structure} "
                          f"for output {out.shape} and operand {w.shape} needs "

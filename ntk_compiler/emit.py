@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ntk_compiler import analysis, compat
+from ntk_compiler import structure as structure_lib
 from ntk_compiler.analysis import Plan, Use
 from ntk_compiler.axes import Layout
 
@@ -91,9 +92,13 @@ def side(plan: Plan, params: list, x: list, per_example: bool) -> Side:
   return Side(cts, factors)
 
 
-def _arrays(ops: list[analysis.Operand], side: Side, k: int) -> list:
-  return [(side.cts[k][o.id] if o.kind == "ct" else side.factors[o.id], list(o.labels))
-          for o in ops]
+def _along(array, labels, target):
+  """`array` (axes `labels`) transposed to the order of `target`, with unit axes for the
+  labels of `target` it lacks."""
+  labels = list(labels)
+  order = [labels.index(l) for l in target if l in labels]
+  return jnp.transpose(array, order).reshape(
+      [array.shape[labels.index(l)] if l in labels else 1 for l in target])
 
 
 def _einsum(ops, result):
@@ -101,6 +106,48 @@ def _einsum(ops, result):
   for array, labels in ops:
     args += [array, labels]
   return jnp.einsum(*args, result, precision=PRECISION)
+
+
+def _contract(ops: list[analysis.Operand], sides, k: int, out: list[int]) -> jax.Array:
+  """einsum of `ops` (each from the side in `sides`, by operand) to the labels `out`.
+
+  Two one-hot factors along a summed label become a comparison of their positions; a
+  one-hot factor along an output label is applied by a scatter-add; any other one-hot
+  factor is expanded.
+  """
+  dtype = jnp.result_type(*[side.cts[k][o.id] for o, side in zip(ops, sides)
+                             if o.kind == "ct"])
+  where = {id(o): side for o, side in zip(ops, sides)}
+  positions = lambda o: where[id(o)].factors[o.id]
+
+  def array(o):
+    if o.kind == "mask":
+      pa, pb = (_along(positions(p), p.rest, o.labels) for p in o.parts)
+      return ((pa == pb) & (pa >= 0)).astype(dtype)
+    if o.kind == "ct":
+      return where[id(o)].cts[k][o.id]
+    if o.one_hot is None:
+      return positions(o)
+    return structure_lib.one_hot_factor(positions(o), o.one_hot, o.shape[o.one_hot], dtype)
+
+  ops = analysis.match_one_hots(ops, set(out))
+  hot = analysis.scattered_one_hot(ops, out)
+  if hot is None:
+    return _einsum([(array(o), list(o.labels)) for o in ops], out)
+  rest = [o for o in ops if o is not hot]
+  sizes = {l: n for o in ops for l, n in zip(o.labels, o.shape)}
+  inner = analysis.scatter_labels(hot, out)
+  carried = [l for l in inner if any(l in o.labels for o in rest)]
+  values = _einsum([(array(o), list(o.labels)) for o in rest], carried)
+  shape = [sizes[l] for l in inner]
+  values = jnp.broadcast_to(_along(values, carried, inner), shape)
+  axis = hot.labels[hot.one_hot]
+  index = jnp.broadcast_to(_along(positions(hot), hot.rest, inner), shape)
+  index = jnp.where(index < 0, sizes[axis], index)  # out of range: dropped, not wrapped
+  indices = tuple(index if l == axis else jax.lax.broadcasted_iota(
+      jnp.int32, shape, inner.index(l)) for l in out)
+  total = jnp.zeros([sizes[l] for l in out], dtype)
+  return total.at[indices].add(values.astype(dtype), mode="drop")
 
 
 def pair_term(plans, u: Use, v: Use, side1: Side, side2: Side, k: int, layout: Layout,
@@ -111,7 +158,7 @@ def pair_term(plans, u: Use, v: Use, side1: Side, side2: Side, k: int, layout: L
   ops1 = analysis.operands(plans[0], u, s1, shapes[0], "1", labels, per_example)
   ops2 = analysis.operands(plans[1], v, s2, shapes[1], "2", labels, per_example)
   scale = u.view.scale * v.view.scale * analysis.absent_w_size(u.view, ops1 + ops2, labels)
-  term = _einsum(_arrays(ops1, side1, k) + _arrays(ops2, side2, k), result)
+  term = _contract(ops1 + ops2, [side1] * len(ops1) + [side2] * len(ops2), k, result)
   return term if scale == 1.0 else term * scale
 
 
@@ -124,7 +171,7 @@ def leaf_gradients(plan: Plan, use: Use, side: Side, k: int, layout: Layout,
   view = use.view
   w_out = [labels(("w", i)) for i in range(len(view.base_shape))]
   used = set(itertools.chain.from_iterable(o.labels for o in ops))
-  g = _einsum(_arrays(ops, side, k), side_labels + [l for l in w_out if l in used])
+  g = _contract(ops, [side] * len(ops), k, side_labels + [l for l in w_out if l in used])
   g = g * view.scale
   lead = tuple(g.shape[:len(side_labels)])
   g = g.reshape(lead + tuple(n if l in used else 1 for n, l in zip(view.base_shape, w_out)))

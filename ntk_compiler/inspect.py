@@ -81,7 +81,8 @@ def leaf_reports(plan: analysis.Plan, paths: list[str], contractions: dict[int, 
   for leaf, (path, shape) in enumerate(zip(paths, plan.leaf_shapes)):
     uses = tuple(
         UseReport(u.view.steps,
-                  tuple((f.rule, tuple(plan.label_sizes[l] for l in f.labels), f.batched)
+                  tuple((f.rule + (" one-hot" if f.one_hot is not None else ""),
+                         tuple(plan.label_sizes[l] for l in f.labels), f.batched)
                         for f in u.view.factors),
                   u.cut.shape, u.reason, u.dense)
         for u in plan.uses_of(leaf))

@@ -142,6 +142,13 @@ def structure_violations(jac: np.ndarray, structure: Structure, y_ndim: int,
   return problems
 
 
+def one_hot_factor(positions: jax.Array, axis: int, size: int, dtype) -> jax.Array:
+  """A one-hot factor as an array: a `size`-long axis inserted at `axis`, with a 1 at
+  each entry of `positions` (none where a position is outside [0, size))."""
+  hot = jax.nn.one_hot(positions, size, dtype=dtype)
+  return jnp.moveaxis(hot, -1, axis)
+
+
 def selection_matrix(rows: int, cols: int, pairs: itertools.chain | list,
                      dtype) -> jax.Array:
   """A (rows, cols) 0/1 matrix with ones at the given (row, col) pairs."""

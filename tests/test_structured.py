@@ -13,6 +13,7 @@ from jax import lax
 
 import models
 import models_structured
+import models_selection
 import ntk_compiler as nc
 import oracle
 from models import mlp
@@ -20,7 +21,7 @@ from models import mlp
 RTOL_F64 = 1e-10
 RTOL_F32 = 1e-4  # as test_methods.py: float32 rounding of O(100)-term sums
 
-ALL = models.ZOO + models_structured.ZOO
+ALL = models.ZOO + models_structured.ZOO + models_selection.ZOO
 BY_NAME = {m.name: m for m in ALL}
 assert len(BY_NAME) == len(ALL), "model names must be unique"
 

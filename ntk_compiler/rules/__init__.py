@@ -49,12 +49,18 @@ class RuleResult:
       no structure or factor; the engine re-indexes the parameter instead.
     dense: the factor is a dense Jacobian block (exact, checkable, but no cheaper than
       the cotangent at the operand): the engine stops the view before this equation.
+    one_hot: for a selection (gather, dynamic_slice, scatter-add): the factor is 0/1
+      with at most one 1 along this factor axis, and `factor` returns the integer
+      position of that 1 instead (an array of the factor's shape without this axis;
+      -1 for none). The engine then compares positions where it would multiply
+      one-hot matrices: the embedding term Σ [id1 = id2] ⟨ct1, ct2⟩.
   """
   structure: Structure | None
   factor: Callable[..., Any] | None
   reads: tuple[int, ...] = ()
   rebase: bool = False
   dense: bool = False
+  one_hot: int | None = None
 
 
 Rule = Callable[[EqnInfo, int], "RuleResult | None"]
@@ -154,4 +160,4 @@ def _load_default_rules() -> None:
   if not _LOADED:
     _LOADED = True
     from ntk_compiler.rules import (  # noqa: F401  (registration on import)
-        elementwise, linear, reductions, structural)
+        elementwise, linear, reductions, selection, structural)
