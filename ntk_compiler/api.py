@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ntk_compiler import analysis, batching, emit, inspect, trace
+from ntk_compiler import analysis, batching, emit, inspect, loops, trace
 from ntk_compiler import axes as axes_lib
 from ntk_compiler import cost
 from ntk_compiler import rules as rules_lib
@@ -118,7 +118,8 @@ class NTKFunction:
   def __init__(self, f, method: str, trace_axes: tuple[int, ...],
                diagonal_axes: tuple[int, ...], batch_independent: bool | None,
                rules: Mapping[Any, Any], strict: bool):
-    self.f = f
+    # while loops with a fixed trip count become scans: reverse-differentiable.
+    self.f = loops.reverse_differentiable(f)
     self.rules = rules
     self.strict = strict
     self.method = method
@@ -152,8 +153,9 @@ class NTKFunction:
     engine, estimate = plan.engine, plan.estimate
     leaves = () if engine is None else inspect.leaf_reports(
         engine, _paths(params), estimate.kinds, estimate.leaf_flops)
+    notes = tuple(self.f.notes(params, x1))
     return inspect.Explanation(plan.method, plan.reason, plan.batch,
-                               dict(estimate.flops), leaves)
+                               dict(estimate.flops), leaves, notes)
 
   def jaxpr(self, params: Any, x1: Any, x2: Any = None):
     """The NTK program built for these arguments, as a jaxpr."""

@@ -45,6 +45,7 @@ class Explanation:
   batch: Any  # batching.Decision: per-example or not, and why
   estimates: dict
   leaves: tuple[LeafReport, ...]
+  loops: tuple[str, ...] = ()  # while loops rewritten as scans, or kept (and why)
 
   @property
   def batch_independent(self) -> bool:
@@ -62,6 +63,7 @@ class Explanation:
     if self.estimates:
       lines.append("estimated FLOPs: " + ", ".join(
           f"{k} {v:.3g}" for k, v in self.estimates.items()))
+    lines += [f"loop: {note}" for note in self.loops]
     for leaf in self.leaves:
       lines.append(f"params{leaf.path} {leaf.shape}: {leaf.contraction}"
                    + (f", ~{leaf.flops:.3g} FLOPs" if leaf.flops else ""))

@@ -11,11 +11,15 @@ import jax
 import numpy as np
 
 
-def full_kernel(f, params, x1, x2=None):
-  """Per output leaf: Θ with shape out1 + out2, in float64 numpy."""
+def full_kernel(f, params, x1, x2=None, mode="rev"):
+  """Per output leaf: Θ with shape out1 + out2, in float64 numpy.
+
+  mode="fwd" builds the Jacobians with jax.jacfwd (for f that reverse mode cannot
+  differentiate, such as a while_loop over parameters)."""
   x2 = x1 if x2 is None else x2
+  jac_fn = {"rev": jax.jacrev, "fwd": jax.jacfwd}[mode]
   def matrices(x):
-    jac = jax.jacrev(f)(params, x)
+    jac = jac_fn(f)(params, x)
     out = jax.eval_shape(f, params, x)
     leaves, tree = jax.tree_util.tree_flatten(out)
     per_leaf = tree.flatten_up_to(jac)
@@ -59,9 +63,9 @@ def apply_layout(full, shape1, shape2, trace_axes, diagonal_axes):
   return out
 
 
-def oracle_ntk(f, params, x1, x2=None, trace_axes=(-1,), diagonal_axes=()):
+def oracle_ntk(f, params, x1, x2=None, trace_axes=(-1,), diagonal_axes=(), mode="rev"):
   """Θ(x1, x2) by brute force, as a pytree of float64 numpy arrays."""
-  fulls, tree = full_kernel(f, params, x1, x2)
+  fulls, tree = full_kernel(f, params, x1, x2, mode)
   kernels = []
   for full in fulls:
     ndim = full.ndim // 2
