@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax.numpy as jnp
+from jax import lax
 
 from ntk_compiler import compat, cost
 from ntk_compiler import rules as rules_lib
@@ -51,6 +52,8 @@ class View:
   factors: tuple[Factor, ...]
   scale: float
   steps: tuple[str, ...]  # the primitives composed, for explain()
+  stack: tuple[int, ...] = ()  # inside scan bodies: the label of each enclosing scan's
+                               # steps (its values, cotangents and factors are stacked)
 
   @property
   def per_example_factors(self) -> int:
@@ -94,6 +97,8 @@ class Plan:
   edge_cuts: dict[Edge, list[int]]                 # edge -> cut ids perturbing it
   inline: set                                      # paths of call equations inlined
   label_sizes: dict[int, int]                      # size of every view label
+  scans: dict[Path, tuple[list[int], list[int]]] = dataclasses.field(default_factory=dict)
+  # scan eqn path -> (cut ids, factor ids) inside its body: evaluated step by step
 
   def uses_of(self, leaf: int) -> list[Use]:
     return [u for u in self.uses if u.view.leaf == leaf]
@@ -112,10 +117,16 @@ def plan(jaxpr, consts, num_params: int, x_dependent: bool,
       builder.pending.append(((("out",), jaxpr.outvars[k]), view, ("out", k),
                               "at an output of f", False))
   builder.close()
+  scans = {}
+  for path in builder.scans:
+    inside = lambda p: p[:len(path)] == path and len(p) > len(path)
+    cuts = [c.id for c in builder.cuts if any(inside(e[0]) for e in c.edges)]
+    factors = [f.id for p, fs in builder.factor_sites.items() if inside(p) for f, _ in fs]
+    scans[path] = (cuts, factors)
   return Plan(jaxpr, consts, num_params,
               tuple(tuple(v.aval.shape) for v in jaxpr.invars[:num_params]),
               builder.uses, builder.cuts, builder.factor_sites, builder.edge_cuts,
-              builder.inline, builder.sizes)
+              builder.inline, builder.sizes, scans)
 
 
 class _Builder:
@@ -129,6 +140,8 @@ class _Builder:
     self.factor_sites: dict[Path, list] = {}
     self.edge_cuts: dict[Edge, list[int]] = {}
     self.inline: set = set()
+    self.scans: list[Path] = []
+    self.stack_sizes: dict[Path, tuple[int, ...]] = {(): ()}
     self.sizes: dict[int, int] = {}
 
   def fresh(self) -> int:
@@ -168,15 +181,64 @@ class _Builder:
       if body is not None:
         inner, inner_consts = body
         self.inline.add(path)
+        self.stack_sizes[path] = self.stack_sizes[prefix]
         outs = self.walk(inner, list(op_views), list(op_dep),
                          [False] * len(inner.constvars), path)
         for v, vs in zip(eqn.outvars, outs):
           views[v] = vs
         continue
+      if eqn.primitive is lax.scan_p and compat.scan_layout(eqn) is not None:
+        self._scan(eqn, path, op_views, op_dep, prefix)
+        continue
       self._consume(eqn, path, op_views, op_dep, views, prefix)
     return [read(v)[0] for v in jaxpr.outvars]
 
+  def _scan(self, eqn, path, op_views, op_dep, prefix):
+    """Follows views into a scan body, where each step's values, factors and
+    cotangents are stacked along a step label: a weight used at every step is one
+    use with a summed step axis (no unrolling, no T² separate terms). A view of a
+    constant gets a fresh step label; one of a scanned-over input steps along its
+    leading axis, whose label it already has. Views into the carry are cut before the
+    scan; views reaching the body's outputs are cut there, inside, at every step."""
+    num_consts, num_carry = compat.scan_layout(eqn)
+    length = int(eqn.params["length"])
+    inner = compat.open_jaxpr(eqn.params["jaxpr"])
+    in_views = []
+    for k, (atom, vs) in enumerate(zip(eqn.invars, op_views)):
+      if num_consts <= k < num_consts + num_carry:
+        for view in vs:
+          self.pending.append(((prefix, atom), view, (path, k),
+                               "before scan: enters its carry", True))
+        in_views.append([])
+      elif k < num_consts:
+        step = self.fresh()
+        self.sizes[step] = length
+        in_views.append([dataclasses.replace(view, stack=view.stack + (step,))
+                         for view in vs])
+      else:
+        in_views.append([dataclasses.replace(view, labels=view.labels[1:],
+                                             stack=view.stack + (view.labels[0],))
+                         for view in vs])
+    carry = list(op_dep[num_consts:num_consts + num_carry])
+    while True:  # which carries depend on the example: a fixpoint over the loop
+      out = _dependence(inner, list(op_dep[:num_consts]) + carry
+                        + list(op_dep[num_consts + num_carry:]))
+      new = [c or o for c, o in zip(carry, out[:num_carry])]
+      if new == carry:
+        break
+      carry = new
+    in_dep = list(op_dep[:num_consts]) + carry + list(op_dep[num_consts + num_carry:])
+    self.scans.append(path)
+    self.stack_sizes[path] = self.stack_sizes[prefix] + (length,)
+    outs = self.walk(inner, in_views, in_dep, [False] * len(inner.constvars), path)
+    for k, vs in enumerate(outs):
+      for view in vs:
+        self.pending.append(((path, inner.outvars[k]), view, (path + ("out",), k),
+                             "at an output of a scan step", False))
+
   def _consume(self, eqn, path, op_views, op_dep, views, prefix):
+    if eqn.primitive is _STOP_GRADIENT:
+      return  # no derivative flows on: these views contribute nothing
     rule = self.rules.get(eqn.primitive)
     info = EqnInfo(eqn.primitive, eqn.params, tuple(a.aval for a in eqn.invars),
                    tuple(v.aval for v in eqn.outvars))
@@ -184,8 +246,11 @@ class _Builder:
       if not vs:
         continue
       results = None
-      if eqn.primitive in rules_lib.NONLINEAR or _elementwise_custom(eqn):
+      if eqn.primitive in rules_lib.NONLINEAR:
         stop = (f"before {eqn.primitive} (nonlinear)", False)
+      elif _elementwise_custom(eqn):
+        stop = (f"before {eqn.primitive} (elementwise; its own derivative rule is used)",
+                False)
       elif rule is None:
         stop = (f"before {eqn.primitive}: no rule for it", True)
       else:
@@ -225,8 +290,9 @@ class _Builder:
       return None, "it would add a second per-example factor"
     y_labels, f_labels = structure.labels(view.labels, len(y_shape), self.fresh)
     self._size_labels(y_labels, y_shape)
-    factor = Factor(next(self.ids), path, result.factor, tuple(f_labels), batched, name,
-                    result.one_hot)
+    factor = Factor(next(self.ids), path, result.factor, view.stack + tuple(f_labels),
+                    batched, name,
+                    None if result.one_hot is None else len(view.stack) + result.one_hot)
     self.factor_sites.setdefault(path, []).append((factor, operand))
     # Labels summed away with nothing left to carry them multiply by their size.
     scale = view.scale
@@ -258,12 +324,13 @@ class _Builder:
     for (prefix, atom), view, edge, reason, fallback in self.pending:
       _, per_view = per_value.setdefault((prefix, id(atom)), (atom, {}))
       per_view.setdefault(id(view), (view, set(), reason, fallback))[1].add(edge)
-    for atom, per_view in per_value.values():
+    for (prefix, _), (atom, per_view) in per_value.items():
       groups: dict = {}
       for view, edges, reason, fallback in per_view.values():
         groups.setdefault(frozenset(edges), []).append((view, reason, fallback))
       for edges, members in groups.items():
-        cut = Cut(next(self.ids), tuple(atom.aval.shape), atom.aval.dtype, edges)
+        shape = self.stack_sizes.get(prefix, ()) + tuple(atom.aval.shape)
+        cut = Cut(next(self.ids), shape, atom.aval.dtype, edges)
         self.cuts.append(cut)
         for e in edges:
           self.edge_cuts.setdefault(e, []).append(cut.id)
@@ -271,6 +338,7 @@ class _Builder:
 
 
 _CUSTOM = compat.custom_derivative_primitives()
+_STOP_GRADIENT = compat.stop_gradient_primitive()
 
 
 def _per_output(result, num_outputs: int):
@@ -290,6 +358,18 @@ def _elementwise_custom(eqn) -> bool:
     return False
   shape = eqn.outvars[0].aval.shape
   return all(a.aval.shape in (shape, ()) for a in eqn.invars)
+
+
+def _dependence(jaxpr, in_dep: list[bool]) -> list[bool]:
+  """Which outputs of `jaxpr` depend on the inputs marked (conservatively: an
+  equation's outputs depend on all its inputs)."""
+  dep = {v: d for v, d in zip(jaxpr.invars, in_dep)}
+  for eqn in jaxpr.eqns:
+    d = any(dep.get(a, False) for a in eqn.invars if not isinstance(a, compat.Literal))
+    for v in eqn.outvars:
+      dep[v] = d
+  return [False if isinstance(v, compat.Literal) else dep.get(v, False)
+          for v in jaxpr.outvars]
 
 
 class Labels:
@@ -333,7 +413,8 @@ def operands(plan: Plan, use: Use, side_labels: list[int], out_shape, tag: str,
   view = use.view
   w_pos = {l: i for i, l in enumerate(view.w_labels)}
   name = lambda l: labels(("w", w_pos[l]) if l in w_pos else (tag, l))
-  ops = [Operand("ct", use.cut.id, tuple(side_labels) + tuple(name(l) for l in view.labels),
+  ops = [Operand("ct", use.cut.id,
+                 tuple(side_labels) + tuple(name(l) for l in view.stack + view.labels),
                  tuple(out_shape) + use.cut.shape)]
   for f in view.factors:
     batched = per_example and f.batched

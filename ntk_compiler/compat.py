@@ -97,3 +97,10 @@ def scan_layout(eqn: Any) -> tuple[int, int] | None:
   if sum(len(part) for part in parts) != len(eqn.invars):
     return None
   return len(parts[0]), len(parts[1])
+
+
+def stop_gradient_primitive() -> Any:
+  """The primitive `lax.stop_gradient` binds (its home module moves between releases)."""
+  closed = jax.make_jaxpr(jax.lax.stop_gradient)(1.0)
+  (eqn,) = open_jaxpr(closed).eqns
+  return eqn.primitive

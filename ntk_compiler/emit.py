@@ -28,15 +28,19 @@ PRECISION = jax.lax.Precision.HIGHEST
 
 
 def evaluate(plan: Plan, args: list, eps: dict) -> tuple[list, dict]:
-  """f's jaxpr on `args`, each cut perturbed by `eps`; also every factor's value."""
+  """f's jaxpr on `args`, each cut perturbed by `eps`; also every factor's value.
+
+  Inside a scan body with cuts or factors, the scan runs a body that does the same per
+  step: it takes its slice of those cuts' `eps` and stacks its factors.
+  """
   factors: dict = {}
 
-  def perturb(value, edge):
+  def perturb(value, edge, eps):
     for cid in plan.edge_cuts.get(edge, ()):
       value = value + eps[cid].astype(value.dtype)
     return value
 
-  def run(jaxpr, consts, invals, prefix):
+  def run(jaxpr, consts, invals, prefix, eps, factors):
     env = dict(zip(jaxpr.constvars, consts))
     env.update(zip(jaxpr.invars, invals))
     for i, eqn in enumerate(jaxpr.eqns):
@@ -44,17 +48,40 @@ def evaluate(plan: Plan, args: list, eps: dict) -> tuple[list, dict]:
       vals = [compat.read_atom(env, a) for a in eqn.invars]
       for factor, _ in plan.factors.get(path, ()):
         factors[factor.id] = jnp.asarray(factor.fn(*vals))
-      vals = [perturb(v, (path, k)) for k, v in enumerate(vals)]
+      vals = [perturb(v, (path, k), eps) for k, v in enumerate(vals)]
       if path in plan.inline:
         inner, inner_consts = compat.call_body(eqn)
-        outs = run(inner, inner_consts, vals, path)
+        outs = run(inner, inner_consts, vals, path, eps, factors)
+      elif path in plan.scans:
+        outs = scan(eqn, vals, path, eps, factors)
       else:
         outs = compat.bind_eqn(eqn, vals)
       env.update(zip(eqn.outvars, outs))
     return [compat.read_atom(env, v) for v in jaxpr.outvars]
 
-  outs = run(plan.jaxpr, plan.consts, list(args), ())
-  return [perturb(o, ("out", k)) for k, o in enumerate(outs)], factors
+  def scan(eqn, vals, path, eps, factors):
+    num_consts, num_carry = compat.scan_layout(eqn)
+    body = eqn.params["jaxpr"]
+    inner, inner_consts = compat.open_jaxpr(body), list(getattr(body, "consts", []))
+    cut_ids, factor_ids = plan.scans[path]
+    consts, carry = vals[:num_consts], vals[num_consts:num_consts + num_carry]
+
+    def step(carry, xs):
+      x, eps_t = xs
+      local: dict = {}
+      outs = run(inner, inner_consts, consts + list(carry) + list(x), path, eps_t, local)
+      outs = [perturb(o, (path + ("out",), k), eps_t) for k, o in enumerate(outs)]
+      return outs[:num_carry], (outs[num_carry:], {f: local[f] for f in factor_ids})
+
+    carry, (ys, stacked) = jax.lax.scan(
+        step, carry, (vals[num_consts + num_carry:], {c: eps[c] for c in cut_ids}),
+        length=eqn.params["length"], reverse=eqn.params["reverse"],
+        unroll=eqn.params["unroll"])
+    factors.update(stacked)
+    return list(carry) + list(ys)
+
+  outs = run(plan.jaxpr, plan.consts, list(args), (), eps, factors)
+  return [perturb(o, ("out", k), eps) for k, o in enumerate(outs)], factors
 
 
 @dataclasses.dataclass

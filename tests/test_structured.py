@@ -13,6 +13,7 @@ from jax import lax
 
 import models
 import models_structured
+import models_control
 import models_selection
 import ntk_compiler as nc
 import oracle
@@ -21,7 +22,9 @@ from models import mlp
 RTOL_F64 = 1e-10
 RTOL_F32 = 1e-4  # as test_methods.py: float32 rounding of O(100)-term sums
 
-ALL = models.ZOO + models_structured.ZOO + models_selection.ZOO
+ALL = models.ZOO + models_structured.ZOO + models_selection.ZOO + models_control.ZOO
+# Models JAX cannot reverse-differentiate as written: the oracle uses forward mode.
+FORWARD_ORACLE = {"while_fixed_trips"}
 BY_NAME = {m.name: m for m in ALL}
 assert len(BY_NAME) == len(ALL), "model names must be unique"
 
@@ -82,7 +85,8 @@ def _full_kernel(model, seed, n1, n2, with_x2, dtype):
   oracle still takes full Jacobians of f by reverse mode and contracts them.
   """
   params, x1, x2 = model.draw(seed, n1, n2, dtype)
-  return oracle.full_kernel(_jitted(model.f), params, x1, x2 if with_x2 else None)
+  mode = "fwd" if model.name in FORWARD_ORACLE else "rev"
+  return oracle.full_kernel(_jitted(model.f), params, x1, x2 if with_x2 else None, mode=mode)
 
 
 def _expected(model, seed, n1, n2, with_x2, trace, diag, dtype=jnp.float64):
@@ -277,20 +281,23 @@ def test_temperature_in_a_denominator_is_not_a_fallback():
                         RTOL_F64)
 
 
-def test_unsupported_and_unread_parameters():
-  """scan has no rule: its weights fall back, reported; a leaf under stop_gradient
-  falls back too; a leaf f never reads has no uses and no term."""
+def test_scan_and_unread_parameters():
+  """The RNN's weights are followed into the scan body (no fallback); a leaf used only
+  under stop_gradient and a leaf f never reads have no uses and no term."""
   model = BY_NAME["rnn_scan"]
   params, x, _ = model.draw(0, 3, 2, jnp.float64)
-  fallbacks = _explain(model.f, params, x).fallbacks
-  assert sorted(fallbacks) == [(p, "before scan: no rule for it")
-                               for p in ("['b']", "['wh']", "['wo']", "['wx']")]
+  explanation = _explain(model.f, params, x)
+  assert explanation.fallbacks == []
+  (use,) = _leaf(explanation, "['wh']").uses
+  assert use.steps[0] == "dot_general" and "before tanh" in use.reason
+  assert use.cut_shape == (3, 1, 4)  # stacked over the 3 steps of (1, 4) values
   model = BY_NAME["stop_gradient_unused"]
   params, x, _ = model.draw(0, 3, 2, jnp.float64)
   explanation = _explain(model.f, params, x)
-  unused = _leaf(explanation, "['unused']")
-  assert unused.uses == () and unused.contraction == "unused"
-  assert ("['frozen']", "before stop_gradient: no rule for it") in explanation.fallbacks
+  assert explanation.fallbacks == []
+  for path in ("['unused']", "['frozen']"):
+    leaf = _leaf(explanation, path)
+    assert leaf.uses == () and leaf.contraction == "unused"
   assert any("dot_general" in _factor_rules(u) for u in _leaf(explanation, "['w']").uses)
 
 
@@ -308,8 +315,9 @@ def test_lora_factors_chain_two_contractions():
 # ------------------------------------------------------------- strict, rule overlays
 
 def _gathered(p, x):
-  """w enters a gather (no rule, linear): a dense fallback for w."""
-  return jnp.tanh(x @ p["w"][jnp.array([1, 0, 3, 2])]) @ p["v"]
+  """w enters a gather along two axes at once (its rule declines): a dense fallback."""
+  rows, cols = jnp.array([[1, 0, 3, 2]] * 3).T, jnp.array([[0, 2, 1]] * 4)
+  return jnp.tanh(x @ p["w"][rows, cols]) @ p["v"]
 
 
 def _gather_params():
@@ -322,7 +330,7 @@ def _gather_params():
 def test_missing_rule_is_a_reported_dense_fallback():
   params, x = _gather_params()
   explanation = _explain(_gathered, params, x)
-  assert explanation.fallbacks == [("['w']", "before gather: no rule for it")]
+  assert explanation.fallbacks == [("['w']", "before gather: its rule declines operand 0")]
   kernel = nc.compile_ntk(_gathered, method="structured")(params, x)
   oracle.assert_matches(kernel, oracle.oracle_ntk(_gathered, params, x), RTOL_F64)
 
