@@ -99,6 +99,8 @@ class Plan:
   label_sizes: dict[int, int]                      # size of every view label
   scans: dict[Path, tuple[list[int], list[int]]] = dataclasses.field(default_factory=dict)
   # scan eqn path -> (cut ids, factor ids) inside its body: evaluated step by step
+  conds: dict[Path, list[tuple[list[int], list[int]]]] = dataclasses.field(
+      default_factory=dict)  # cond eqn path -> (cut ids, factor ids) of each branch
 
   def uses_of(self, leaf: int) -> list[Use]:
     return [u for u in self.uses if u.view.leaf == leaf]
@@ -117,16 +119,18 @@ def plan(jaxpr, consts, num_params: int, x_dependent: bool,
       builder.pending.append(((("out",), jaxpr.outvars[k]), view, ("out", k),
                               "at an output of f", False))
   builder.close()
-  scans = {}
-  for path in builder.scans:
-    inside = lambda p: p[:len(path)] == path and len(p) > len(path)
-    cuts = [c.id for c in builder.cuts if any(inside(e[0]) for e in c.edges)]
-    factors = [f.id for p, fs in builder.factor_sites.items() if inside(p) for f, _ in fs]
-    scans[path] = (cuts, factors)
+
+  def inside(path):  # (cut ids, factor ids) within the body at `path`
+    under = lambda p: p[:len(path)] == path and len(p) > len(path)
+    return ([c.id for c in builder.cuts if any(under(e[0]) for e in c.edges)],
+            [f.id for p, fs in builder.factor_sites.items() if under(p) for f, _ in fs])
+  scans = {path: inside(path) for path in builder.scans}
+  conds = {path: [inside(path + (b,)) for b in range(n)]
+           for path, n in builder.conds.items()}
   return Plan(jaxpr, consts, num_params,
               tuple(tuple(v.aval.shape) for v in jaxpr.invars[:num_params]),
               builder.uses, builder.cuts, builder.factor_sites, builder.edge_cuts,
-              builder.inline, builder.sizes, scans)
+              builder.inline, builder.sizes, scans, conds)
 
 
 class _Builder:
@@ -141,6 +145,8 @@ class _Builder:
     self.edge_cuts: dict[Edge, list[int]] = {}
     self.inline: set = set()
     self.scans: list[Path] = []
+    self.conds: dict[Path, int] = {}  # cond eqn path -> number of branches
+    self.per_example_depth = 0  # > 0: inside a cond whose index depends on the example
     self.stack_sizes: dict[Path, tuple[int, ...]] = {(): ()}
     self.sizes: dict[int, int] = {}
 
@@ -190,6 +196,9 @@ class _Builder:
       if eqn.primitive is lax.scan_p and compat.scan_layout(eqn) is not None:
         self._scan(eqn, path, op_views, op_dep, prefix)
         continue
+      if eqn.primitive is lax.cond_p and not op_views[0]:
+        self._cond(eqn, path, op_views, op_dep, prefix)
+        continue
       self._consume(eqn, path, op_views, op_dep, views, prefix)
     return [read(v)[0] for v in jaxpr.outvars]
 
@@ -236,9 +245,30 @@ class _Builder:
         self.pending.append(((path, inner.outvars[k]), view, (path + ("out",), k),
                              "at an output of a scan step", False))
 
+  def _cond(self, eqn, path, op_views, op_dep, prefix):
+    """Follows views into every branch of a cond / switch (branch b's equations sit
+    under path + (b,)); views reaching a branch's outputs are cut there. The branch
+    not taken gives zero cotangents, so its terms vanish."""
+    branches = eqn.params["branches"]
+    self.conds[path] = len(branches)
+    for b, branch in enumerate(branches):
+      inner = compat.open_jaxpr(branch)
+      where = path + (b,)
+      self.stack_sizes[where] = self.stack_sizes.get(prefix, ())
+      # An example-dependent index makes every value in the branches per-example.
+      self.per_example_depth += bool(op_dep[0])
+      outs = self.walk(inner, list(op_views[1:]), [d or op_dep[0] for d in op_dep[1:]],
+                       [op_dep[0]] * len(inner.constvars), where)
+      self.per_example_depth -= bool(op_dep[0])
+      for k, vs in enumerate(outs):
+        for view in vs:
+          self.pending.append(((where, inner.outvars[k]), view, (where + ("out",), k),
+                               "at an output of a cond branch", False))
+
   def _consume(self, eqn, path, op_views, op_dep, views, prefix):
-    if eqn.primitive is _STOP_GRADIENT:
-      return  # no derivative flows on: these views contribute nothing
+    if eqn.primitive is _STOP_GRADIENT or not any(
+        jnp.issubdtype(v.aval.dtype, jnp.inexact) for v in eqn.outvars):
+      return  # no derivative flows on (comparisons, integer casts): no contribution
     rule = self.rules.get(eqn.primitive)
     info = EqnInfo(eqn.primitive, eqn.params, tuple(a.aval for a in eqn.invars),
                    tuple(v.aval for v in eqn.outvars))
@@ -285,7 +315,7 @@ class _Builder:
     structure = result.structure
     w_shape = tuple(eqn.invars[operand].aval.shape)
     structure.validate(y_shape, w_shape, f"rule for {eqn.primitive}")
-    batched = any(op_dep[j] for j in result.reads)
+    batched = any(op_dep[j] for j in result.reads) or self.per_example_depth > 0
     if batched and view.per_example_factors:
       return None, "it would add a second per-example factor"
     y_labels, f_labels = structure.labels(view.labels, len(y_shape), self.fresh)

@@ -54,6 +54,8 @@ def evaluate(plan: Plan, args: list, eps: dict) -> tuple[list, dict]:
         outs = run(inner, inner_consts, vals, path, eps, factors)
       elif path in plan.scans:
         outs = scan(eqn, vals, path, eps, factors)
+      elif path in plan.conds:
+        outs = cond(eqn, vals, path, eps, factors)
       else:
         outs = compat.bind_eqn(eqn, vals)
       env.update(zip(eqn.outvars, outs))
@@ -79,6 +81,35 @@ def evaluate(plan: Plan, args: list, eps: dict) -> tuple[list, dict]:
         unroll=eqn.params["unroll"])
     factors.update(stacked)
     return list(carry) + list(ys)
+
+  def cond(eqn, vals, path, eps, factors):
+    branches = eqn.params["branches"]
+
+    def branch(b):
+      inner = compat.open_jaxpr(branches[b])
+      consts = list(getattr(branches[b], "consts", []))
+
+      def fn(ops):
+        local: dict = {}
+        outs = run(inner, consts, list(ops), path + (b,), eps, local)
+        outs = [perturb(o, (path + (b, "out"), k), eps) for k, o in enumerate(outs)]
+        return outs, {f: local[f] for f in plan.conds[path][b][1]}
+      return fn
+
+    fns = [branch(b) for b in range(len(branches))]
+    shapes = [jax.eval_shape(fn, vals[1:])[1] for fn in fns]
+
+    def padded(b):  # every branch returns every branch's factors (zeros if not its own)
+      def fn(ops):
+        outs, mine = fns[b](ops)
+        every = {f: mine[f] if c == b else jnp.zeros(a.shape, a.dtype)
+                 for c, own in enumerate(shapes) for f, a in own.items()}
+        return outs, every
+      return fn
+
+    outs, stacked = jax.lax.switch(vals[0], [padded(b) for b in range(len(fns))], vals[1:])
+    factors.update(stacked)
+    return list(outs)
 
   outs = run(plan.jaxpr, plan.consts, list(args), (), eps, factors)
   return [perturb(o, ("out", k), eps) for k, o in enumerate(outs)], factors

@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from models_structured import _model
+from models import Model
+from models_structured import _model, _params
 
 
 def stacked_layers():
@@ -77,6 +78,19 @@ def switch_layers():
                                      "c": ((4, 4), 0.5), "v": ((4, 2), 0.5)}, (3,))
 
 
+def cond_on_batch():
+  """cond on a statistic of the whole batch (so examples mix: whole-batch mode), and a
+  cond on a parameter: the weights are followed into both branches."""
+  def f(p, x):
+    h = lax.cond(x.sum() > 0, lambda h: jnp.tanh(h @ p["a"]), lambda h: h @ p["b"] * 2, x)
+    h = lax.cond(p["gate"].sum() > 0, lambda h: h @ p["c"], lambda h: jnp.sin(h), h)
+    return h @ p["v"]
+  return Model("cond_on_batch", f, lambda k, dt: _params(
+      k, dt, a=((3, 4), 0.5), b=((3, 4), 0.5), c=((4, 4), 0.5), v=((4, 2), 0.5),
+      gate=((2,), 1.0)), lambda k, n, dt: jax.random.normal(k, (n, 3), dt), 2,
+      batch_independent=False)
+
+
 def while_fixed_trips():
   """A while loop over layers whose trip count is fixed (rewritten as a scan)."""
   def f(p, x):
@@ -116,4 +130,4 @@ def custom_gradients():
 
 
 ZOO = [stacked_layers(), map_over_time(), nested_scans(), gru_like(), switch_layers(),
-       while_fixed_trips(), custom_gradients()]
+       cond_on_batch(), while_fixed_trips(), custom_gradients()]
