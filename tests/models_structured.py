@@ -241,7 +241,7 @@ def cls_token():
 
 
 def rnn_scan():
-  """A tanh RNN under lax.scan (no rule: the weights fall back to dense, exactly)."""
+  """A tanh RNN under lax.scan: the weights are followed into the step, stacked."""
   def f(p, x):
     def step(h, xt):
       h = jnp.tanh(h @ p["wh"] + xt @ p["wx"] + p["b"])
