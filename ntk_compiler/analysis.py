@@ -216,8 +216,9 @@ class _Builder:
     for k, (atom, vs) in enumerate(zip(eqn.invars, op_views)):
       if num_consts <= k < num_consts + num_carry:
         for view in vs:
+          # A recurrent state: the cotangent at its initial value is all there is.
           self.pending.append(((prefix, atom), view, (path, k),
-                               "before scan: enters its carry", True))
+                               "before scan: enters its carry", False))
         in_views.append([])
       elif k < num_consts:
         step = self.fresh()

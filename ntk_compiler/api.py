@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from ntk_compiler import analysis, batching, emit, inspect, loops, trace
 from ntk_compiler import axes as axes_lib
-from ntk_compiler import cost
+from ntk_compiler import compat, cost
 from ntk_compiler import rules as rules_lib
 from ntk_compiler.methods import Problem, jacobian_ntk, ntk_vp_ntk
 
@@ -208,9 +208,22 @@ class NTKFunction:
       if not (x2 is None or batch.independent or _same_signature(x1, x2)):
         engine2 = self._engine_plan(params, x2, batch.independent)
     estimate = _estimate(problem, engine, engine2)
+    forward_ok = True
+    if self.method in ("ntk_vp", "auto") and jax.tree_util.tree_leaves(params):
+      jaxpr = (engine.jaxpr if engine is not None else
+               trace.trace_program(self.f, params, x1, per_example=False).jaxpr)
+      forward_ok = not _calls_custom_vjp(jaxpr)
+    if self.method == "ntk_vp" and not forward_ok:
+      raise NotImplementedError(
+          "method='ntk_vp' differentiates f in forward mode (jax.linearize), which JAX "
+          "does not support through custom_vjp functions, and f calls one. Use "
+          "method='structured', 'jacobian' or 'auto'.")
     if self.method == "auto":
-      method = min(estimate.flops, key=estimate.flops.get)
-      reason = "auto: the lowest estimated FLOPs"
+      candidates = {m: c for m, c in estimate.flops.items()
+                    if forward_ok or m != "ntk_vp"}
+      method = min(candidates, key=candidates.get)
+      reason = "auto: the lowest estimated FLOPs" + (
+          "" if forward_ok else " (ntk_vp excluded: f calls a custom_vjp function)")
     else:
       method, reason = self.method, "as requested"
     return Plan(method, problem, engine, engine2, estimate, reason, batch)
@@ -232,6 +245,15 @@ class NTKFunction:
     if self.strict:
       _raise_on_fallbacks(engine, params)
     return engine
+
+
+_CUSTOM_VJP = compat.custom_vjp_primitives()
+
+
+def _calls_custom_vjp(jaxpr) -> bool:
+  return any(eqn.primitive in _CUSTOM_VJP
+             or any(_calls_custom_vjp(sub) for sub in compat.sub_jaxprs(eqn))
+             for eqn in jaxpr.eqns)
 
 
 def _same_signature(a, b) -> bool:

@@ -83,6 +83,13 @@ def custom_derivative_primitives() -> frozenset:
   return frozenset(getattr(p, n) for n in names if hasattr(p, n))
 
 
+def custom_vjp_primitives() -> frozenset:
+  """Calls with a user-defined VJP: JAX cannot differentiate them in forward mode."""
+  from jax.extend.core import primitives as p
+  names = ("custom_vjp_call_p", "custom_vjp_call_jaxpr_p")
+  return frozenset(getattr(p, n) for n in names if hasattr(p, n))
+
+
 def scan_layout(eqn: Any) -> tuple[int, int] | None:
   """(num_consts, num_carry) of a `scan` equation, or None if its params say neither.
 

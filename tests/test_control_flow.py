@@ -121,8 +121,8 @@ def test_all_methods_agree_on_a_while_model(with_x2):
 
 
 def test_scan_carry_parameter_is_exact():
-  """A parameter that enters a scan's carry (an initial state) is cut before the scan
-  and reported; the kernel stays exact."""
+  """A parameter that enters a scan's carry (an initial state) is cut before the scan,
+  where its cotangent is all there is (not a dense fallback); the kernel is exact."""
   def f(p, x):
     h, _ = lax.scan(lambda h, xt: (jnp.tanh(h + xt @ p["w"]), None),
                     jnp.broadcast_to(p["h0"], (x.shape[0], 4)), jnp.swapaxes(x, 0, 1))
@@ -132,7 +132,18 @@ def test_scan_carry_parameter_is_exact():
             "h0": jax.random.normal(k[1], (4,), jnp.float64),
             "v": jax.random.normal(k[2], (4, 2), jnp.float64)}
   x = jax.random.normal(k[3], (3, 5, 3), jnp.float64)
-  ntk_fn = nc.compile_ntk(f, method="structured")
+  ntk_fn = nc.compile_ntk(f, method="structured", strict=True)
   (use,) = _uses(ntk_fn.explain(params, x), "['h0']")
-  assert use.reason == "before scan: enters its carry"
+  assert use.reason == "before scan: enters its carry" and not use.dense
   oracle.assert_matches(ntk_fn(params, x), oracle.oracle_ntk(f, params, x), 1e-10)
+
+
+def test_ntk_vp_refuses_custom_vjp_clearly():
+  """Forward mode cannot go through custom_vjp: method="ntk_vp" says so by name, and
+  "auto" leaves ntk_vp out."""
+  model = BY_NAME["custom_gradients"]
+  params, x1, _ = model.draw(0, 3, 2, jnp.float64)
+  with pytest.raises(NotImplementedError, match="ntk_vp.*custom_vjp"):
+    nc.compile_ntk(model.f, method="ntk_vp")(params, x1)
+  plan = nc.compile_ntk(model.f, method="auto").plan(params, x1)
+  assert plan.method != "ntk_vp" and "ntk_vp excluded" in plan.reason

@@ -125,7 +125,7 @@ def test_matches_oracle(model, trace, diag, with_x2, seed, independent):
 
 
 FLOAT32 = ["mlp_tanh", "cnn", "sequence", "multi_output", "conv_depthwise", "avg_pools",
-           "tied", "lora", "einsum_layers", "cast_bfloat16"]
+           "tied", "lora", "einsum_layers", "cast_bfloat16", "embedding_mlp", "gru_like"]
 
 
 @pytest.mark.parametrize("model", [BY_NAME[n] for n in FLOAT32], ids=lambda m: m.name)
