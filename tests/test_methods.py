@@ -27,7 +27,7 @@ def _grid():
           yield pytest.param(model, trace, diag, id=f"{model.name}-t{trace}-d{diag}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=8)  # bounded: every live NTK function keeps its programs
 def _compiled(model, method, trace, diag, batch_independent):
   """One NTK function per configuration, so hypothesis' draws reuse its compilations."""
   return nc.compile_ntk(model.f, method=method, trace_axes=trace, diagonal_axes=diag,

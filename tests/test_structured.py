@@ -72,7 +72,7 @@ def _compiled(model, trace, diag, batch_independent):
                         batch_independent=batch_independent)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=16)
 def _jitted(f):
   return jax.jit(f)
 
