@@ -277,7 +277,7 @@ class _Builder:
       if not vs:
         continue
       results = None
-      if eqn.primitive in rules_lib.NONLINEAR:
+      if rule is None and eqn.primitive in rules_lib.NONLINEAR:  # a user's rule wins
         stop = (f"before {eqn.primitive} (nonlinear)", False)
       elif _elementwise_custom(eqn):
         stop = (f"before {eqn.primitive} (elementwise; its own derivative rule is used)",
@@ -286,7 +286,7 @@ class _Builder:
         stop = (f"before {eqn.primitive}: no rule for it", True)
       else:
         answer = rule(info, operand)
-        results = _per_output(answer, len(eqn.outvars))
+        results = _per_output(answer, len(eqn.outvars), eqn.primitive)
         stop = ((f"before {eqn.primitive} (nonlinear in operand {operand})", False)
                 if answer is rules_lib.NONLINEAR_OPERAND else
                 (f"before {eqn.primitive}: its rule declines operand {operand}", True))
@@ -372,11 +372,17 @@ _CUSTOM = compat.custom_derivative_primitives()
 _STOP_GRADIENT = compat.stop_gradient_primitive()
 
 
-def _per_output(result, num_outputs: int):
+def _per_output(result, num_outputs: int, primitive):
   """A rule's answer as one result per output, or None if it declines."""
   if result is None or result is rules_lib.NONLINEAR_OPERAND:
     return None
   results = tuple(result) if isinstance(result, (tuple, list)) else (result,)
+  for r in results:
+    if r is not None and not isinstance(r, rules_lib.RuleResult):
+      raise TypeError(
+          f"the structure rule for {primitive} returned {type(r).__name__} {r!r:.80}; a "
+          "rule returns a RuleResult (one per output of a multi-output primitive), "
+          "None to decline, or NONLINEAR_OPERAND.")
   if len(results) != num_outputs or any(r is None for r in results):
     return None
   return results

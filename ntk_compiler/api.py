@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -13,9 +14,11 @@ from ntk_compiler import analysis, batching, emit, inspect, loops, trace
 from ntk_compiler import axes as axes_lib
 from ntk_compiler import compat, cost
 from ntk_compiler import rules as rules_lib
+from ntk_compiler import validate as validate_lib
 from ntk_compiler.methods import Problem, jacobian_ntk, ntk_vp_ntk
 
 METHODS = ("auto", "structured", "jacobian", "ntk_vp")
+PRECISIONS = ("highest", "high", "default")
 
 _IMPLEMENTATIONS = {"jacobian": jacobian_ntk, "ntk_vp": ntk_vp_ntk}
 
@@ -29,6 +32,8 @@ def compile_ntk(
     batch_independent: bool | None = None,
     rules: Mapping[Any, Any] | None = None,
     strict: bool = False,
+    precision: str = "highest",
+    validate: bool = False,
 ) -> NTKFunction:
   """Compiles the empirical Neural Tangent Kernel of `f`.
 
@@ -55,6 +60,22 @@ def compile_ntk(
       object (a value of None switches a default rule off).
     strict: with the structured method, raise instead of falling back to a dense
       Jacobian where a parameter reaches a primitive that has no rule.
+    precision: the precision of every matrix product and convolution in the NTK
+      program that does not set its own (the contractions the library adds, and f's
+      own where f leaves it to JAX): "highest" (default: float32 stays float32, also
+      on GPUs and TPUs, whose default drops it to TF32 / bfloat16 passes), "high"
+      (TF32-like, faster on recent GPUs) or "default" (JAX's setting as it is, e.g.
+      `jax_default_matmul_precision`). On CPU all three compute the same. The kernel's
+      dtype is that of f's output, at least float32: float16 and bfloat16 models get
+      a float32 kernel, accumulated in float32; float64 stays float64.
+    validate: check each new signature's kernel before returning it, with code it
+      shares nothing with: every user rule the plan used (factor against
+      `jax.jacfwd`, declared `Structure` on the dense Jacobian; at the real operands
+      and at random ones), and Θ·v for a random v against J(x1) J(x2)ᵀ v from one
+      VJP and one JVP (no vmap), one such pair per index of the traced and diagonal
+      output axes. Tolerance √eps of the output dtype. Costs that once per
+      signature; a signature first met under `jax.jit` (tracers) raises TypeError:
+      call once outside jit. `NTKFunction.verify` measures the same on demand.
 
   Returns:
     An `NTKFunction`; call it as `ntk_fn(params, x1)` or `ntk_fn(params, x1, x2)`.
@@ -78,6 +99,13 @@ def compile_ntk(
     raise TypeError(f"f must be a callable f(params, x), got {type(f).__name__}.")
   if not isinstance(method, str) or method not in METHODS:
     raise ValueError(f"method={method!r} is not one of {', '.join(map(repr, METHODS))}.")
+  if not isinstance(precision, str) or precision not in PRECISIONS:
+    raise ValueError(f"precision={precision!r} is not one of "
+                     f"{', '.join(map(repr, PRECISIONS))}.")
+  if rules is not None and not isinstance(rules, Mapping):
+    raise TypeError(
+        f"rules must be a mapping {{Primitive: rule}} (e.g. {{jax.lax.sin_p: my_rule}}), "
+        f"got a {type(rules).__name__}.")
   if batch_independent is not None and not isinstance(batch_independent, bool):
     raise TypeError(
         f"batch_independent must be True, False or None, got {batch_independent!r}.")
@@ -86,7 +114,7 @@ def compile_ntk(
   axes_lib.check_disjoint(trace, diagonal)
   table = rules_lib.registry(rules)
   return NTKFunction(f, method, trace, diagonal, batch_independent, table,
-                     bool(strict))
+                     bool(strict), precision, validate=bool(validate))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +125,8 @@ class Plan:
     method: the method that computes the kernel ("auto" resolved).
     problem: f, its arguments and the layout of each output leaf's kernel.
     engine: the structured-derivatives plan (uses, cuts, factors), when one was built.
-    engine2: the plan at x2's signature when it differs from x1's (whole-batch mode).
+    engine2: the plan at x2's signature when it differs from x1's (per example: past
+      the batch axis), so each side runs the program of its own signature.
   """
   method: str
   problem: Problem
@@ -106,6 +135,46 @@ class Plan:
   estimate: Estimate | None = None
   reason: str = ""
   batch: batching.Decision | None = None
+  outputs: tuple[Output, ...] = ()
+  kept: tuple[int, ...] = ()
+  out_tree: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Output:
+  """One output leaf of f: its kernel's layout, both sides' shapes and the kernel dtype."""
+  layout: axes_lib.Layout
+  shape1: tuple[int, ...]
+  shape2: tuple[int, ...]
+  dtype: Any
+  where: str
+
+  @property
+  def nonempty(self) -> bool:
+    """Whether the kernel has entries; raises if they would be means over nothing."""
+    if not _prod(self.layout.kernel_shape(self.shape1, self.shape2)):
+      return False
+    if not self.layout.trace_size(self.shape1):
+      empty = [a for a in self.layout.trace if not self.shape1[a]]
+      raise ValueError(
+          f"{self.where}: traced axis {empty[0]} has size 0 (output shape {self.shape1}), "
+          "so each kernel entry would be a mean over no entries. Leave that axis out of "
+          "trace_axes.")
+    return True
+
+
+def kernel_dtype(*dtypes):
+  """The kernel's dtype: the outputs' dtype, at least float32 (float16 / bfloat16
+  models get a float32 kernel, accumulated in float32; float64 stays float64)."""
+  return jnp.promote_types(jnp.result_type(*dtypes), jnp.float32)
+
+
+def _select_outputs(f, kept: tuple[int, ...]):
+  """f returning only the output leaves `kept`, as a list."""
+  def selected(params, x):
+    leaves = jax.tree_util.tree_leaves(f(params, x))
+    return [leaves[i] for i in kept]
+  return selected
 
 
 class NTKFunction:
@@ -117,7 +186,8 @@ class NTKFunction:
 
   def __init__(self, f, method: str, trace_axes: tuple[int, ...],
                diagonal_axes: tuple[int, ...], batch_independent: bool | None,
-               rules: Mapping[Any, Any], strict: bool):
+               rules: Mapping[Any, Any], strict: bool, precision: str = "highest",
+               validate: bool = False):
     # while loops with a fixed trip count become scans: reverse-differentiable.
     self.f = loops.reverse_differentiable(f)
     self.rules = rules
@@ -126,6 +196,8 @@ class NTKFunction:
     self.trace_axes = trace_axes
     self.diagonal_axes = diagonal_axes
     self.batch_independent = batch_independent
+    self.precision = precision
+    self.validate = validate
     self._jitted = jax.jit(self._compute)
 
   def __repr__(self) -> str:
@@ -135,7 +207,40 @@ class NTKFunction:
 
   def __call__(self, params: Any, x1: Any, x2: Any = None) -> Any:
     """Θ(x1, x2), or Θ(x1, x1) when x2 is omitted: one kernel per output leaf."""
-    return self._jitted(params, x1, x2)
+    kernel = self._jitted(params, x1, x2)
+    if self.validate:  # raises ValidationError: the kernel is not returned
+      validate_lib.validate_once(self, params, x1, x2, kernel)
+    return kernel
+
+  def verify(self, params: Any, x1: Any, x2: Any = None,
+             seed: int = 0) -> validate_lib.Verification:
+    """Measures how far the kernel at these arguments is from autodiff.
+
+    Runs the checks of `compile_ntk(..., validate=True)` without raising: each user
+    rule the plan uses against `jax.jacfwd` (at the real operands and at random
+    ones), and Θ·v for a random v against J(x1) J(x2)ᵀ v from one VJP and one JVP.
+
+    Args:
+      params, x1, x2: as for calling the NTK function (concrete arrays, not tracers).
+      seed: the seed of the random v and operand values.
+
+    Returns:
+      A `Verification`: `relative_error`, `tolerance` (√eps of the output dtype),
+      `ok`, `rules` (one `RuleReport` per user rule use) and `message()`.
+
+    Raises:
+      TypeError: called with tracers (under jax.jit, vmap or grad).
+
+    Example:
+      >>> import jax.numpy as jnp, ntk_compiler as nc
+      >>> ntk_fn = nc.compile_ntk(lambda p, x: jnp.tanh(x @ p))
+      >>> report = ntk_fn.verify(jnp.ones((3, 2)) / 3, jnp.arange(12.).reshape(4, 3))
+      >>> report.ok
+      True
+    """
+    validate_lib.refuse_tracers("NTKFunction.verify", params, x1, x2)
+    kernel = self._jitted(params, x1, x2)
+    return validate_lib.verify(self, params, x1, x2, kernel, seed)
 
   def plan(self, params: Any, x1: Any, x2: Any = None) -> Plan:
     """The method chosen and the problem solved for these arguments' signature."""
@@ -167,14 +272,19 @@ class NTKFunction:
 
   def _compute(self, params, x1, x2):
     plan = self._plan(params, x1, x2)
-    kernels = _solve(plan)
-    return plan.problem.out_tree.unflatten(kernels)
+    with _precision(self.precision):
+      solved = dict(zip(plan.kept, _solve(plan)))
+    kernels = [solved[i].astype(o.dtype) if i in solved else
+               jnp.zeros(o.layout.kernel_shape(o.shape1, o.shape2), o.dtype)
+               for i, o in enumerate(plan.outputs)]
+    return plan.out_tree.unflatten(kernels)
 
   def _plan(self, params, x1, x2) -> Plan:
     _check_params(params)
     n1 = _check_inputs(x1, "x1")
+    n2 = n1
     if x2 is not None:
-      _check_inputs(x2, "x2")
+      n2 = _check_inputs(x2, "x2")
       if jax.tree_util.tree_structure(x1) != jax.tree_util.tree_structure(x2):
         raise ValueError(
             "x1 and x2 must have the same pytree structure, got "
@@ -187,31 +297,48 @@ class NTKFunction:
       raise ValueError(
           f"f(params, x1) and f(params, x2) return different pytrees: {out_tree} and "
           f"{tree2}.")
+    for name, n, leaves, out in (("x1", n1, leaves1, out1), ("x2", n2, leaves2, out2)):
+      for path, leaf in zip(_paths(out), leaves):
+        if leaf.shape[0] != n:
+          raise ValueError(
+              f"f(params, {name}){path} has shape {leaf.shape}: it does not keep the "
+              f"batch of {n} examples on axis 0 (the size of axis 0 of every leaf of "
+              f"{name}). Inputs and outputs carry the batch on axis 0: for a single "
+              "example x, pass x[None].")
     batch = self._batch_decision(params, x1, n1)
-    layouts = []
+    if x2 is not None and batch.independent and not _same_signature(x1, x2):
+      # x2's program may differ (other per-example shapes, another batch size): it
+      # needs its own proof, and the per-example path is taken only if both sides have one.
+      batch2 = self._batch_decision(params, x2, n2)
+      if not batch2.independent:
+        batch = batching.Decision(False, f"x2: {batch2.reason}")
+    outputs = []
     for path, l1, l2 in zip(_paths(out1), leaves1, leaves2):
       where = f"output leaf {path}" if path else "output"
-      if batch.independent and l1.shape[0] != n1:
-        raise ValueError(
-            f"batch_independent=True, but the {where} of shape {l1.shape} does not keep "
-            f"the batch of {n1} examples on axis 0; pass batch_independent=False.")
       layout = axes_lib.Layout.make(self.trace_axes, self.diagonal_axes, l1.shape)
       layout.check_compatible(l1.shape, l2.shape, where)
-      layouts.append(layout)
+      outputs.append(Output(layout, l1.shape, l2.shape, kernel_dtype(l1.dtype, l2.dtype),
+                            where))
+    # Leaves whose kernel has no entries are not computed (N = 0, a 0-sized axis).
+    kept = tuple(i for i, o in enumerate(outputs) if o.nonempty)
+    f = self.f if len(kept) == len(outputs) else _select_outputs(self.f, kept)
+    live = [outputs[i] for i in kept]
     problem = Problem(
-        f=self.f, params=params, x1=x1, x2=x2, out_tree=out_tree,
-        shapes1=tuple(l.shape for l in leaves1), shapes2=tuple(l.shape for l in leaves2),
-        layouts=tuple(layouts), batch_independent=batch.independent)
+        f=f, params=params, x1=x1, x2=x2,
+        out_tree=out_tree if f is self.f else jax.tree_util.tree_structure(list(kept)),
+        shapes1=tuple(o.shape1 for o in live), shapes2=tuple(o.shape2 for o in live),
+        layouts=tuple(o.layout for o in live), batch_independent=batch.independent)
+    differentiable = bool(live and jax.tree_util.tree_leaves(params))
     engine = engine2 = None
-    if self.method in ("structured", "auto") and jax.tree_util.tree_leaves(params):
-      engine = self._engine_plan(params, x1, batch.independent)
-      if not (x2 is None or batch.independent or _same_signature(x1, x2)):
-        engine2 = self._engine_plan(params, x2, batch.independent)
+    if self.method in ("structured", "auto") and differentiable:
+      engine = self._engine_plan(f, params, x1, batch.independent)
+      if x2 is not None and not _same_signature(x1, x2, per_example=batch.independent):
+        engine2 = self._engine_plan(f, params, x2, batch.independent)
     estimate = _estimate(problem, engine, engine2)
     forward_ok = True
-    if self.method in ("ntk_vp", "auto") and jax.tree_util.tree_leaves(params):
+    if self.method in ("ntk_vp", "auto") and differentiable:
       jaxpr = (engine.jaxpr if engine is not None else
-               trace.trace_program(self.f, params, x1, per_example=False).jaxpr)
+               trace.trace_program(f, params, x1, per_example=False).jaxpr)
       forward_ok = not _calls_custom_vjp(jaxpr)
     if self.method == "ntk_vp" and not forward_ok:
       raise NotImplementedError(
@@ -226,7 +353,8 @@ class NTKFunction:
           "" if forward_ok else " (ntk_vp excluded: f calls a custom_vjp function)")
     else:
       method, reason = self.method, "as requested"
-    return Plan(method, problem, engine, engine2, estimate, reason, batch)
+    return Plan(method, problem, engine, engine2, estimate, reason, batch,
+                tuple(outputs), kept, out_tree)
 
   def _batch_decision(self, params, x, batch: int) -> batching.Decision:
     if self.batch_independent is not None:
@@ -234,12 +362,13 @@ class NTKFunction:
     def trace_at(n):
       resized = jax.tree_util.tree_map(
           lambda a: jax.ShapeDtypeStruct((n,) + jnp.shape(a)[1:], jnp.result_type(a)), x)
-      return trace.trace_program(self.f, params, resized, per_example=False).jaxpr
+      # The Program keeps the constants, which the analysis compares between sizes.
+      return trace.trace_program(self.f, params, resized, per_example=False)
     num_params = len(jax.tree_util.tree_leaves(params))
     return batching.infer(trace_at, num_params, batch)
 
-  def _engine_plan(self, params, x, per_example: bool) -> analysis.Plan:
-    program = trace.trace_program(self.f, params, x, per_example)
+  def _engine_plan(self, f, params, x, per_example: bool) -> analysis.Plan:
+    program = trace.trace_program(f, params, x, per_example)
     engine = analysis.plan(program.jaxpr, program.consts, program.num_params,
                            x_dependent=True, rules=self.rules)
     if self.strict:
@@ -256,8 +385,18 @@ def _calls_custom_vjp(jaxpr) -> bool:
              for eqn in jaxpr.eqns)
 
 
-def _same_signature(a, b) -> bool:
-  sig = lambda t: [(jnp.shape(l), jnp.result_type(l)) for l in jax.tree_util.tree_leaves(t)]
+def _precision(precision: str):
+  """The matmul precision of the NTK program ("default": JAX's own setting)."""
+  if precision == "default":
+    return contextlib.nullcontext()
+  return jax.default_matmul_precision(precision)
+
+
+def _same_signature(a, b, per_example: bool = False) -> bool:
+  """Same shapes and dtypes; per example: the same shapes past the batch axis."""
+  first = 1 if per_example else 0
+  sig = lambda t: [(jnp.shape(l)[first:], jnp.result_type(l))
+                   for l in jax.tree_util.tree_leaves(t)]
   return sig(a) == sig(b)
 
 
@@ -273,6 +412,8 @@ def _raise_on_fallbacks(engine: analysis.Plan, params) -> None:
 
 def _solve(plan: Plan) -> list[jax.Array]:
   problem = plan.problem
+  if not problem.layouts:  # every kernel is empty
+    return []
   if not jax.tree_util.tree_leaves(problem.params):  # nothing to differentiate
     return [jnp.zeros(l.kernel_shape(s1, s2))
             for l, s1, s2 in zip(problem.layouts, problem.shapes1, problem.shapes2)]
@@ -313,9 +454,12 @@ def _estimate(problem: Problem, engine, engine2) -> Estimate:
         (problem.params, x))
     return cost.jaxpr_flops(jax.make_jaxpr(problem.f)(*abstract))
 
+  if not problem.layouts:  # no kernel entries to compute
+    return Estimate({m: 0.0 for m in ("jacobian", "ntk_vp", "structured")},
+                    frozenset(), {}, {})
   fp1 = flops(problem.x1)
   fp2 = fp1 if problem.symmetric else flops(problem.x2)
-  n1, n2 = problem.shapes1[0][0], problem.shapes2[0][0]
+  n1, n2 = max(problem.shapes1[0][0], 1), max(problem.shapes2[0][0], 1)
   per1, per2 = (fp1 / n1, fp2 / n2) if problem.batch_independent else (fp1, fp2)
   size1 = sum(_prod(s) for s in problem.shapes1)
   size2 = sum(_prod(s) for s in problem.shapes2)
@@ -398,6 +542,9 @@ def _check_inputs(x, name: str) -> int:
 
 def _output_shapes(f, params, x, name: str):
   out = jax.eval_shape(f, params, x)
+  if not jax.tree_util.tree_leaves(out):
+    raise ValueError(f"f(params, {name}) returned {out!r}, with no array in it; f must "
+                     "return an array or a pytree of arrays (did it forget `return`?).")
   for path, leaf in jax.tree_util.tree_flatten_with_path(out)[0]:
     where = f"f(params, {name}){jax.tree_util.keystr(path)}"
     if not jnp.issubdtype(leaf.dtype, jnp.floating):

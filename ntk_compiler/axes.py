@@ -19,8 +19,11 @@ def normalize_axes(axes: int | Sequence[int], name: str) -> Axes:
   """Turns a user's `trace_axes`/`diagonal_axes` value into a tuple of ints."""
   if isinstance(axes, bool):
     raise TypeError(f"{name} must be an int or a sequence of ints, got {axes!r}.")
-  if isinstance(axes, int):
-    return (axes,)
+  if hasattr(axes, "__index__"):  # an int, or a NumPy / JAX integer scalar
+    try:
+      return (operator.index(axes),)
+    except TypeError:
+      pass  # an integer array with a dimension: a sequence, read below
   try:
     items = tuple(axes)
   except TypeError:
@@ -53,6 +56,13 @@ def _canonical(axes: Axes, ndim: int, name: str, shape: tuple[int, ...]) -> Axes
       raise ValueError(
           f"{name}={axes} is out of range for an output of rank {ndim} "
           f"(shape {shape}); allowed axes are {-ndim}..{ndim - 1}.")
+    if a < 0 and a % ndim == 0:
+      raise ValueError(
+          f"{name}={axes}: axis {a} is axis 0 of an output of shape {shape}, its batch "
+          "axis, and negative axes count from the end of the per-example axes only. "
+          "For an output with no axis past the batch pass trace_axes=() (an (N1, N2) "
+          f"kernel); to {'trace' if name == 'trace_axes' else 'keep the diagonal of'} "
+          "the batch axis itself, name it as 0.")
     out.append(a % ndim)
   if len(set(out)) != len(out):
     raise ValueError(

@@ -23,8 +23,7 @@ from ntk_compiler import analysis, compat
 from ntk_compiler import structure as structure_lib
 from ntk_compiler.analysis import Plan, Use
 from ntk_compiler.axes import Layout
-
-PRECISION = jax.lax.Precision.HIGHEST
+from ntk_compiler.methods.common import widen
 
 
 def evaluate(plan: Plan, args: list, eps: dict) -> tuple[list, dict]:
@@ -140,14 +139,14 @@ def side(plan: Plan, params: list, x: list, per_example: bool) -> Side:
     return per_leaf, factors
 
   if not per_example:
-    return Side(*one(params, x))
+    return Side(*widen(one(params, x)))
   num_outs = len(plan.jaxpr.outvars)
   factor_axes = {f.id: (0 if f.batched else None)
                  for fs in plan.factors.values() for f, _ in fs}
   cut_axes = [{c.id: 0 for c in plan.cuts} for _ in range(num_outs)]
   cts, factors = jax.vmap(one, in_axes=(None, 0), out_axes=(cut_axes, factor_axes))(
       params, x)
-  return Side(cts, factors)
+  return Side(*widen((cts, factors)))
 
 
 def _along(array, labels, target):
@@ -163,7 +162,7 @@ def _einsum(ops, result):
   args = []
   for array, labels in ops:
     args += [array, labels]
-  return jnp.einsum(*args, result, precision=PRECISION)
+  return jnp.einsum(*args, result)
 
 
 def _contract(ops: list[analysis.Operand], sides, k: int, out: list[int]) -> jax.Array:
@@ -273,7 +272,7 @@ def contract_leaf(plan1: Plan, plan2: Plan, leaf: int, side1: Side, side2: Side,
     g2 = g1 if symmetric else sum(
         leaf_gradients(plan2, u, side2, k, layout, shapes[1], per_example)
         for u in uses2)
-    return jnp.einsum(g1, s1 + w, g2, s2 + w, result, precision=PRECISION)
+    return jnp.einsum(g1, s1 + w, g2, s2 + w, result)
   total = None
   for i, u in enumerate(uses1):
     for j, v in enumerate(uses2):

@@ -25,7 +25,8 @@ def full_kernel(f, params, x1, x2=None, mode="rev"):
     per_leaf = tree.flatten_up_to(jac)
     mats = []
     for o, jt in zip(leaves, per_leaf):
-      blocks = [np.asarray(j, np.float64).reshape(math.prod(o.shape), -1)
+      blocks = [np.asarray(j, np.float64).reshape(
+                    math.prod(o.shape), math.prod(np.shape(j)[len(o.shape):]))
                 for j in jax.tree_util.tree_leaves(jt)]
       mats.append((np.concatenate(blocks, axis=1), o.shape))
     return mats, tree
@@ -82,6 +83,6 @@ def assert_matches(kernel, expected, rtol):
   for k, e in zip(k_leaves, e_leaves):
     k = np.asarray(k, np.float64)
     assert k.shape == e.shape, (k.shape, e.shape)
-    scale = max(np.max(np.abs(e)), np.finfo(np.float64).tiny)
+    scale = max(np.max(np.abs(e), initial=0.0), np.finfo(np.float64).tiny)
     err = np.max(np.abs(k - e)) if e.size else 0.0
     assert err <= rtol * scale, f"max error {err:.3e} > {rtol:.0e} x {scale:.3e}"

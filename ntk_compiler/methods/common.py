@@ -11,8 +11,6 @@ import jax.numpy as jnp
 
 from ntk_compiler.axes import Layout
 
-PRECISION = jax.lax.Precision.HIGHEST
-
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
@@ -59,5 +57,16 @@ def per_example(f: Callable[..., Any]) -> Callable[..., Any]:
 def apply_layout(full: jax.Array, layout: Layout, shape: tuple[int, ...]) -> jax.Array:
   """Traces and diagonalises a full kernel of shape out1 + out2 into `layout`."""
   side1, side2, result = layout.indices()
-  kernel = jnp.einsum(full, side1 + side2, result, precision=PRECISION)
+  kernel = jnp.einsum(full, side1 + side2, result)
   return kernel / layout.trace_size(shape)
+
+
+def widen(tree: Any) -> Any:
+  """Floating arrays narrower than float32 (float16, bfloat16) cast to float32, so the
+  kernel's sums accumulate in float32; others unchanged."""
+  def cast(a):
+    dtype = jnp.result_type(a)
+    if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
+      return a.astype(jnp.float32)
+    return a
+  return jax.tree_util.tree_map(cast, tree)

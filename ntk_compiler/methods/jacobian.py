@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ntk_compiler.methods.common import PRECISION, Problem, per_example
+from ntk_compiler.methods.common import Problem, per_example, widen
 
 
 def jacobians(problem: Problem, x) -> list:
@@ -15,7 +15,7 @@ def jacobians(problem: Problem, x) -> list:
     jac = jax.vmap(single, in_axes=(None, 0))(problem.params, x)
   else:
     jac = jax.jacrev(problem.f)(problem.params, x)
-  return problem.out_tree.flatten_up_to(jac)
+  return problem.out_tree.flatten_up_to(widen(jac))
 
 
 def jacobian_ntk(problem: Problem) -> list[jax.Array]:
@@ -33,7 +33,6 @@ def jacobian_ntk(problem: Problem) -> list[jax.Array]:
       for w1, w2 in zip(jax.tree_util.tree_leaves(jac1[k]),
                         jax.tree_util.tree_leaves(jac2[k])):
         w_idx = list(range(first, first + w1.ndim - layout.ndim))
-        terms.append(jnp.einsum(w1, side1 + w_idx, w2, side2 + w_idx, result,
-                                precision=PRECISION))
+        terms.append(jnp.einsum(w1, side1 + w_idx, w2, side2 + w_idx, result))
       kernels.append(sum(terms[1:], terms[0]) / layout.trace_size(shape1))
   return kernels

@@ -6,10 +6,12 @@ forward through f at x1, giving one column of the kernel.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
-from ntk_compiler.methods.common import Problem, apply_layout, per_example
+from ntk_compiler.methods.common import Problem, apply_layout, per_example, widen
 
 
 def _basis(shape, dtype) -> jax.Array:
@@ -44,7 +46,8 @@ def _param_cotangents(problem: Problem, k: int, out2) -> tuple:
     basis = _basis(shape2, leaves2[k].dtype)
     cts = jax.vmap(lambda v: vjp(one_hot_tree(v, leaves2))[0])(basis)
     lead = 1  # basis vector
-  return jax.tree_util.tree_map(lambda c: c.reshape((-1,) + c.shape[lead:]), cts)
+  return jax.tree_util.tree_map(
+      lambda c: c.reshape((math.prod(c.shape[:lead]),) + c.shape[lead:]), cts)
 
 
 def ntk_vp_ntk(problem: Problem) -> list[jax.Array]:
@@ -58,7 +61,9 @@ def ntk_vp_ntk(problem: Problem) -> list[jax.Array]:
       shape1, shape2 = problem.shapes1[k], problem.shapes2[k]
       cts = _param_cotangents(problem, k, out2)
       columns = jax.vmap(lambda ct: jax.tree_util.tree_leaves(jvp1(ct))[k])(cts)
-      full = columns.reshape(shape2 + shape1)
+      # Each entry is one JVP, summed over the parameters in f's own dtype; only the
+      # trace below is accumulated in float32 for float16 / bfloat16 models.
+      full = widen(columns).reshape(shape2 + shape1)
       full = jnp.moveaxis(full, tuple(range(len(shape2))),
                           tuple(range(len(shape1), len(shape1) + len(shape2))))
       kernels.append(apply_layout(full, layout, shape1))
