@@ -30,7 +30,7 @@ class RuleCheck:
 
 def check_rule(primitive: Any, fn: Callable[..., Any], *args: Any, argnum: int = 0,
                rule=None, rules: Mapping | None = None,
-               atol: float | None = None) -> RuleCheck:
+               atol: float | None = None, points: int = 2, seed: int = 0) -> RuleCheck:
   """Verifies the rule for `primitive` against `jax.jacfwd`, where `fn` applies it.
 
   Traces `fn(*args)`, finds the one equation of `primitive` that `args[argnum]` flows
@@ -38,7 +38,10 @@ def check_rule(primitive: Any, fn: Callable[..., Any], *args: Any, argnum: int =
   factor, expanded by its declared `Structure`, equals the dense Jacobian of that
   equation's output with respect to that operand, and (2) the dense Jacobian itself has
   the declared structure (zero off-diagonal on trace and diagonal pairs, equal blocks
-  along trace pairs, constant along tiled axes), independently of the factor.
+  along trace pairs, constant along tiled axes), independently of the factor. It then
+  checks both again at `points` random values of the equation's floating-point
+  operands (integer and boolean operands keep theirs): a special point such as all
+  ones can hide a wrong structure (equal blocks where the rule claims them).
 
   Args:
     primitive: the JAX Primitive, e.g. `jax.lax.dot_general_p`.
@@ -50,6 +53,8 @@ def check_rule(primitive: Any, fn: Callable[..., Any], *args: Any, argnum: int =
     rules: an overlay of rules, as for `compile_ntk(rules=...)`.
     atol: absolute tolerance; default: 100 ulps of the output dtype times the largest
       Jacobian entry.
+    points: how many random operand values to check at besides `fn`'s own.
+    seed: the seed of those random values (the same seed, the same values).
 
   Returns:
     A `RuleCheck`; its structure is None when the rule declines (dense fallback).
@@ -98,7 +103,37 @@ def check_rule(primitive: Any, fn: Callable[..., Any], *args: Any, argnum: int =
   if len(found) != 1:
     raise ValueError(f"check_rule needs args[{argnum}] to flow directly into exactly one "
                      f"{primitive} equation of fn; found {len(found)}.")
-  return check_eqn(*found[0], rule, atol)
+  return check_points(*found[0], rule, atol, points, seed)
+
+
+def check_points(eqn, invals: list, operand: int, rule, atol: float | None = None,
+                 points: int = 2, seed: int = 0) -> RuleCheck:
+  """`check_eqn` at `invals`, then at `points` random operand values (`random_operands`).
+
+  Raises:
+    RuleCheckError: as `check_eqn`; the message says at which values it failed.
+  """
+  checks = [check_eqn(eqn, invals, operand, rule, atol)]
+  for k in range(points):
+    values = random_operands(eqn, invals, seed + k)
+    try:
+      checks.append(check_eqn(eqn, values, operand, rule, atol))
+    except RuleCheckError as e:
+      raise RuleCheckError(f"{e} (at random operand values, seed {seed + k}; the "
+                           "operand values given passed)") from None
+  return dataclasses.replace(checks[0], max_error=max(c.max_error for c in checks))
+
+
+def random_operands(eqn, invals: list, seed: int) -> list:
+  """`invals` with every floating-point operand replaced by standard normal values."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for var, value in zip(eqn.invars, invals):
+    aval = var.aval
+    if jnp.issubdtype(aval.dtype, jnp.inexact):
+      value = jnp.asarray(rng.normal(size=aval.shape), aval.dtype)
+    out.append(value)
+  return out
 
 
 def check_eqn(eqn, invals: list, operand: int, rule, atol: float | None = None
@@ -149,6 +184,11 @@ def _check_output(eqn, invals, operand, j, result, atol, where):
     return None, 0.0
   structure = result.structure
   structure.validate(out.shape, w.shape, where)
+  # The structure first, on the Jacobian alone: a wrong one is named as such.
+  problems = structure_violations(jac, structure, out.ndim, atol)
+  if problems:
+    raise RuleCheckError(f"{where}: the declared structure is wrong: the Jacobian "
+                         f"contradicts {structure}: " + "; ".join(problems))
   factor = jnp.asarray(result.factor(*invals))
   expected_shape = structure.factor_shape(out.shape, w.shape)
   if result.one_hot is not None:
@@ -165,12 +205,9 @@ def _check_output(eqn, invals, operand, j, result, atol, where):
   dense = np.asarray(structure.expand(factor, out.shape, w.shape), np.float64)
   error = float(np.max(np.abs(dense - jac), initial=0))
   if error > atol:
-    raise RuleCheckError(f"{where}: the factor expanded by {structure} differs from "
-                         f"jax.jacfwd by {error:.3e} (tolerance {atol:.1e}).")
-  problems = structure_violations(jac, structure, out.ndim, atol)
-  if problems:
-    raise RuleCheckError(f"{where}: the Jacobian contradicts {structure}: "
-                         + "; ".join(problems))
+    raise RuleCheckError(f"{where}: the factor is wrong: expanded by {structure} it "
+                         f"differs from jax.jacfwd by {error:.3e} (tolerance "
+                         f"{atol:.1e}).")
   return structure, error
 
 

@@ -8,14 +8,18 @@ and returns the `Structure` of ∂y/∂(that operand) with a function computing 
 factor, or None when it has nothing better than a dense Jacobian for this case (the
 engine then takes the cotangent at the operand itself: exact, just slower).
 
-The rule modules (one per primitive family) register into the default registry on
-import; users add their own with `register_rule`, or pass `rules=` to `compile_ntk`.
+The rule modules (one per primitive family) register the built-in rules on import.
+Users add their own with `register_rule` (undone by `unregister_rule`; `rules_overlay`
+registers some for a `with` block only), or pass `rules=` to `compile_ntk`. A user's
+rule wins over the built-in rule and over the built-in set of nonlinear primitives.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable, Mapping
+import sys
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from ntk_compiler import compat
@@ -94,7 +98,15 @@ def _nonlinear_primitives() -> frozenset:
 # loss (the cotangent at their input is all there is), not as a dense fallback.
 NONLINEAR = _nonlinear_primitives()
 
+# The rules in effect: the built-in ones, each replaced by the latest user registration.
 _DEFAULT: dict[Any, Rule] = {}
+# The rules the modules of this package register at their import.
+_BUILTIN: dict[Any, Rule] = {}
+# Per primitive, the user's registrations, latest last (None: the rule switched off).
+_USER: dict[Any, list[Rule | None]] = {}
+_BUILTIN_MODULES = frozenset(
+    f"{__name__}.{m}" for m in ("elementwise", "linear", "reductions", "selection",
+                                "structural"))
 
 
 def _check_primitive(primitive) -> None:
@@ -104,8 +116,38 @@ def _check_primitive(primitive) -> None:
         f"{primitive!r} of type {type(primitive).__name__}.")
 
 
+def _check_rule(primitive, rule, where: str) -> None:
+  if rule is not None and not callable(rule):
+    raise TypeError(f"the rule for {primitive} in {where} must be callable or None "
+                    f"(None switches the default rule off), got {rule!r}.")
+
+
+def _registered_by_package() -> bool:
+  """Whether the nearest module-level code on the stack is a built-in rule module's:
+  its registrations at import are the built-in rules; any other caller's are the
+  user's (even through a family factory such as `def_identity`)."""
+  frame = sys._getframe(2)
+  while frame is not None and frame.f_code.co_name != "<module>":
+    frame = frame.f_back
+  return frame is not None and frame.f_globals.get("__name__") in _BUILTIN_MODULES
+
+
+def _refresh(primitive) -> None:
+  stack = _USER.get(primitive)
+  rule = stack[-1] if stack else _BUILTIN.get(primitive)
+  if rule is None:
+    _DEFAULT.pop(primitive, None)
+  else:
+    _DEFAULT[primitive] = rule
+
+
 def register_rule(primitive: compat.Primitive) -> Callable[[Rule], Rule]:
   """Registers a structure rule for `primitive` in the default registry.
+
+  A user's rule wins over the built-in one for the same primitive (and over the
+  built-in set of nonlinear primitives, e.g. `jax.lax.sin_p`). It applies to NTK
+  functions compiled after the registration; `unregister_rule` undoes it, and
+  `rules_overlay` registers rules for a `with` block only.
 
   Args:
     primitive: the JAX `Primitive` object (e.g. `jax.lax.dot_general_p`), never its
@@ -116,7 +158,7 @@ def register_rule(primitive: compat.Primitive) -> Callable[[Rule], Rule]:
     and returns it unchanged.
 
   Raises:
-    TypeError: `primitive` is not a JAX Primitive.
+    TypeError: `primitive` is not a JAX Primitive, or the rule is not callable.
 
   Example:
     >>> import jax, ntk_compiler as nc
@@ -126,13 +168,112 @@ def register_rule(primitive: compat.Primitive) -> Callable[[Rule], Rule]:
     ...   ndim = len(eqn.out_aval.shape)
     ...   pairs = tuple((a, a) for a in range(ndim))
     ...   return RuleResult(nc.Structure(trace=pairs), lambda *ops: -1.0)
+    >>> nc.unregister_rule(jax.lax.neg_p) is neg_rule
+    True
   """
   _check_primitive(primitive)
+  builtin = _registered_by_package()
 
   def register(rule: Rule) -> Rule:
-    _DEFAULT[primitive] = rule
+    if not callable(rule):
+      raise TypeError(f"register_rule({primitive}) needs a rule function, got "
+                      f"{rule!r}; use rules_overlay({{{primitive}: None}}) to switch a "
+                      "rule off.")
+    if builtin:
+      _BUILTIN[primitive] = rule
+    else:
+      _USER.setdefault(primitive, []).append(rule)
+    _refresh(primitive)
     return rule
   return register
+
+
+def unregister_rule(primitive: compat.Primitive) -> Rule | None:
+  """Undoes the latest `register_rule(primitive)`: the rule registered before it (the
+  built-in one, or none) is in effect again for NTK functions compiled afterwards.
+
+  Args:
+    primitive: the JAX `Primitive` object the rule was registered for.
+
+  Returns:
+    The rule removed.
+
+  Raises:
+    TypeError: `primitive` is not a JAX Primitive.
+    ValueError: no user rule is registered for `primitive` (built-in rules stay; pass
+      `rules={primitive: None}` to `compile_ntk` to switch one off).
+
+  Example:
+    >>> import jax, ntk_compiler as nc
+    >>> rule = nc.register_rule(jax.lax.neg_p)(lambda eqn, operand: None)
+    >>> nc.unregister_rule(jax.lax.neg_p) is rule
+    True
+  """
+  _check_primitive(primitive)
+  stack = _USER.get(primitive)
+  if not stack:
+    raise ValueError(
+        f"unregister_rule({primitive}): no rule registered with register_rule for it "
+        "(built-in rules cannot be unregistered; pass rules={primitive: None} to "
+        "compile_ntk to switch one off for one NTK function).")
+  rule = stack.pop()
+  if not stack:
+    del _USER[primitive]
+  _refresh(primitive)
+  return rule
+
+
+@contextlib.contextmanager
+def rules_overlay(rules: Mapping[Any, Rule | None]) -> Iterator[None]:
+  """Registers `rules` for the duration of a `with` block, then restores the registry.
+
+  Args:
+    rules: a mapping from Primitive objects to rules; a value of None switches the
+      rule for that primitive off inside the block (dense fallback or, for the
+      built-in nonlinear primitives, the cut before them).
+
+  Raises:
+    TypeError: a key is not a Primitive, a value neither callable nor None, or
+      `rules` not a mapping.
+
+  Example:
+    >>> import jax, ntk_compiler as nc
+    >>> with nc.rules_overlay({jax.lax.neg_p: None}):
+    ...   ntk_fn = nc.compile_ntk(lambda p, x: -(x @ p))   # uses no neg rule
+  """
+  items = _checked_items(rules, "rules_overlay")
+  for primitive, rule in items:
+    _USER.setdefault(primitive, []).append(rule)
+    _refresh(primitive)
+  try:
+    yield
+  finally:
+    for primitive, rule in reversed(items):
+      stack = _USER[primitive]
+      for i in range(len(stack) - 1, -1, -1):  # this block's entry, even if others
+        if stack[i] is rule:                   # registered on top of it meanwhile
+          del stack[i]
+          break
+      if not stack:
+        del _USER[primitive]
+      _refresh(primitive)
+
+
+def _checked_items(rules, where: str) -> list:
+  if not isinstance(rules, Mapping):
+    raise TypeError(f"{where} takes a mapping {{primitive: rule}} (e.g. "
+                    f"{{jax.lax.sin_p: my_rule}}), got {type(rules).__name__}.")
+  items = list(rules.items())
+  for primitive, rule in items:
+    _check_primitive(primitive)
+    _check_rule(primitive, rule, where)
+  return items
+
+
+def is_builtin(primitive, rule) -> bool:
+  """Whether `rule` is the rule this package registers for `primitive` (not a user's)."""
+  _load_default_rules()
+  return rule is not None and _BUILTIN.get(primitive) is rule
 
 
 def registry(overlay: Mapping[Any, Rule] | None = None) -> dict[Any, Rule]:
@@ -143,11 +284,7 @@ def registry(overlay: Mapping[Any, Rule] | None = None) -> dict[Any, Rule]:
   """
   _load_default_rules()
   rules = dict(_DEFAULT)
-  for primitive, rule in (overlay or {}).items():
-    _check_primitive(primitive)
-    if rule is not None and not callable(rule):
-      raise TypeError(f"the rule for {primitive} in rules= must be callable or None "
-                      f"(None switches the default rule off), got {rule!r}.")
+  for primitive, rule in _checked_items(overlay or {}, "rules="):
     rules[primitive] = rule
   return {p: r for p, r in rules.items() if r is not None}
 
