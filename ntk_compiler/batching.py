@@ -1,4 +1,4 @@
-"""Is f(params, x) batch independent along axis 0 of x? A static pass over its jaxpr.
+"""Is f(params, x) batch independent along axis 0 of x? A static pass over its jaxprs.
 
 Every value gets a `State`: unbatched (it does not depend on the batch; `const` lists
 the axes it is known to be constant along), batched on axis k (row i along k depends on
@@ -10,9 +10,38 @@ a causal mask): anything else is a position-dependent constant. Control flow is 
 recursively; loop carries are iterated to a fixed point. The analysis is sound, not
 complete: a value it cannot follow counts as mixed.
 
-What it cannot see: a scalar that happens to equal the batch size (`x / x.shape[0]`)
-is a literal like any other, and custom derivative rules are taken to be as batch
-independent as the primal body they wrap.
+What is proven (`infer`). The per-example path computes row i of f(params, x) at batch
+size N as f(params, x[i:i+1])[0]: it runs f at N (ntk_vp's linearisation, shapes) and
+at 1 (every per-example Jacobian, VJP and structured plan). So f is traced at
+n = max(N, 2) and at 1, and "independent" needs all of:
+
+1. Both traces succeed. A trace that raises (`x * W[:x.shape[0]]` with a table of N
+   rows fails at other sizes) means "not proven", with the size and the error in the
+   reason; the analysis never raises.
+2. The two traces are one program up to the batch size (`_align`), equation by
+   equation and in every sub-jaxpr: the same primitives; equal literals and constants
+   (closed-over arrays included: `/ jnp.array([N])`, `np.ones(O) / N`); equal params,
+   except entries of shape-like params (`_SHAPE_PARAMS`) that are n in one and 1 in
+   the other; every intermediate's shape equal except on axes of size n versus 1.
+   This catches a squeeze whose `dimensions` grow at N = 1, Python branches on N, and
+   `x ** N` or a loop of N steps. Two sizes are enough: they are the only sizes the
+   per-example path runs, so a value that depends on N but agrees at n and 1 computes
+   the same thing at both; and n >= 2 tells the batch size apart from a size-1 axis.
+   (A third trace at n + 1, tried first, only adds cost and a size the user never
+   passed, at which f may not even trace.)
+3. The propagation proves independence on both traces, told which axes of every
+   value have the batch size (`_sized`): a batched value must have it on its batch
+   axis only; an unbatched value with such an axis (`jnp.zeros((N, H))`) counts as
+   batched there when it is constant along it (a sum over it is a sum over the batch:
+   it counts N) and as mixed otherwise (`jnp.arange(N)`, a table sliced to N rows).
+
+Then the program at N = 1 computes, per example, what the program at N computes per
+row, and the per-example path is exact at N. The decision is for this N (and 1) only.
+
+Not compared, and trusted: custom derivative rules (the functions in custom_jvp /
+custom_vjp params) are taken to be as batch independent as the primal body they wrap.
+Not proven although per-example: programs that JAX specialises for a size-1 axis
+(`jnp.take_along_axis` gathers differently at N = 1) take the whole-batch path.
 """
 
 from __future__ import annotations
@@ -22,7 +51,10 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
+import numpy as np
 from jax import lax
+from jax.extend.core import ClosedJaxpr as _ClosedJaxpr
 from jax.extend.core import primitives as _prims
 
 from ntk_compiler import compat
@@ -101,7 +133,10 @@ def analyse(jaxpr, batched_invars: Sequence[bool]) -> Decision:
     ...     jnp.ones(()), jnp.ones((4, 3))).jaxpr, [False, True]).independent
     False
   """
-  jaxpr = compat.open_jaxpr(jaxpr)
+  return _analyse(compat.open_jaxpr(jaxpr), batched_invars, None)
+
+
+def _analyse(jaxpr, batched_invars: Sequence[bool], sizes: dict | None) -> Decision:
   flags = [bool(b) for b in batched_invars]
   if len(flags) != len(jaxpr.invars):
     raise ValueError(f"batched_invars has {len(flags)} flags for a jaxpr with "
@@ -111,10 +146,14 @@ def analyse(jaxpr, batched_invars: Sequence[bool]) -> Decision:
   for i, shape in batched:
     if not shape:
       raise ValueError(f"invar {i} is a scalar: it cannot carry the batch on axis 0.")
-  sizes = {shape[0] for _, shape in batched}
-  if len(sizes) > 1:
-    return Decision(False, f"batched inputs disagree on the batch size: {sorted(sizes)}")
-  outs = _walk(jaxpr, [State(0) if b else UNBATCHED for b in flags], ())
+  batch_sizes = {shape[0] for _, shape in batched}
+  if len(batch_sizes) > 1:
+    return Decision(False, "batched inputs disagree on the batch size: "
+                           f"{sorted(batch_sizes)}")
+  return _verdict(_walk(jaxpr, [State(0) if b else UNBATCHED for b in flags], (), sizes))
+
+
+def _verdict(outs: list[State]) -> Decision:
   for k, s in enumerate(outs):
     if s.mixed is not None:
       return Decision(False, f"output {k}: {s.mixed}")
@@ -126,8 +165,11 @@ def analyse(jaxpr, batched_invars: Sequence[bool]) -> Decision:
                         "each row computed from its own example")
 
 
-def _walk(jaxpr, in_states: Sequence[State], prefix: tuple) -> list[State]:
-  """The states of `jaxpr`'s outvars; constvars are unbatched."""
+def _walk(jaxpr, in_states: Sequence[State], prefix: tuple,
+          sizes: dict | None) -> list[State]:
+  """The states of `jaxpr`'s outvars; constvars are unbatched. With `sizes` (from
+  `_align`), every equation's outputs are also checked against the axes that have the
+  batch size (`_sized`)."""
   env: dict = {}
   for v, s in zip(jaxpr.invars, in_states):
     env[v] = s
@@ -135,18 +177,22 @@ def _walk(jaxpr, in_states: Sequence[State], prefix: tuple) -> list[State]:
   for i, eqn in enumerate(jaxpr.eqns):
     ins = [read(a) for a in eqn.invars]
     path = prefix + (i,)
-    outs = _apply(eqn, ins, path)
+    outs = _apply(eqn, ins, path, sizes)
     for v, s in zip(eqn.outvars, outs):
-      env[v] = s
+      env[v] = s if sizes is None else _sized(s, sizes.get((prefix, v)), _where(eqn, path))
   return [read(v) for v in jaxpr.outvars]
 
 
-def _apply(eqn, ins: list[State], path: tuple) -> list[State]:
+def _where(eqn, path: tuple) -> str:
+  return f"{eqn.primitive} (eqn {'/'.join(map(str, path))})"
+
+
+def _apply(eqn, ins: list[State], path: tuple, sizes: dict | None) -> list[State]:
   n = len(eqn.outvars)
   mixed = next((s for s in ins if s.mixed is not None), None)
   if mixed is not None:
     return [mixed] * n
-  where = f"{eqn.primitive} (eqn {'/'.join(map(str, path))})"
+  where = _where(eqn, path)
   rule = _RULES.get(eqn.primitive)
   if rule is None and (compat.call_body(eqn) is not None or eqn.primitive in _CUSTOM):
     rule = _call
@@ -154,7 +200,7 @@ def _apply(eqn, ins: list[State], path: tuple) -> list[State]:
     if all(s.axis is None for s in ins):
       return [UNBATCHED] * n
     return [State(mixed=f"no batching rule for {where}")] * n
-  sub = lambda jaxpr, states: _walk(jaxpr, states, path)
+  sub = lambda jaxpr, states: _walk(jaxpr, states, path, sizes)
   try:
     outs = rule(eqn, ins, sub)
   except _Mixes as e:
@@ -163,6 +209,38 @@ def _apply(eqn, ins: list[State], path: tuple) -> list[State]:
     return [State(mixed=f"{where}: its batching rule failed ({type(e).__name__}: {e})")] * n
   assert len(outs) == n, where
   return list(outs)
+
+
+def _sized(s: State, axes: frozenset | str | None, where: str) -> State:
+  """`s`, checked against the axes of the value that have the batch size.
+
+  A batched value must have the batch size on its batch axis only (a second such axis
+  pairs each example with all the others). An unbatched value with an axis of the
+  batch size (`jnp.zeros((N, H))`) counts as batched there when it is constant along
+  it (every row the same, so a reduction over it is one over the batch), and as mixed
+  otherwise (`jnp.arange(N)`, a table sliced to N rows: a position-dependent constant).
+  """
+  if s.mixed is not None:
+    return s
+  if axes is None:
+    return State(mixed=f"{where}: its output was not compared between batch sizes")
+  if isinstance(axes, str):
+    return State(mixed=f"{where}: {axes}")
+  if s.axis is not None:
+    if axes != {s.axis}:
+      return State(mixed=f"{where} gives a value with the batch size on axes "
+                         f"{sorted(axes)}, not only on its batch axis {s.axis}")
+    return s
+  if not axes:
+    return s
+  if len(axes) > 1:
+    return State(mixed=f"{where} builds a value with the batch size on several axes "
+                       f"{sorted(axes)}")
+  k, = axes
+  if k not in s.const:
+    return State(mixed=f"{where} builds a value from the batch size that varies along "
+                       f"its axis {k} (a position-dependent constant)")
+  return State(k)
 
 
 # Helpers shared by the rules.
@@ -698,34 +776,229 @@ def _cond(eqn, ins, sub):
   return outs
 
 
-def literals(jaxpr) -> list:
-  """Every equation's primitive and literal operands, sub-jaxprs included, in order.
+# The program the per-example path runs: f at batch size 1, against f at N.
 
-  Two traces of f at different batch sizes give equal lists unless a value depends on
-  the batch size (`x / x.shape[0]`), which the propagation above cannot see.
+class _Differs(Exception):
+  """The two traces are not one program up to the batch size (the message says where)."""
+
+
+# Params that hold sizes, offsets or strides per axis: the only ones that may change
+# with the batch size (from N to 1 exactly). Any other param must be equal in both
+# traces: `x ** N` (integer_pow's `y`) or a loop of N steps (scan's `length`) changes
+# the computation itself. Where such an entry is not on an axis of the batch size, the
+# shape of an output changes too, and `_sized` sees it.
+_SHAPE_PARAMS = frozenset({
+    "shape", "new_sizes", "start_indices", "limit_indices", "strides", "slice_sizes",
+    "padding_config", "sizes", "window_dimensions", "window_strides", "padding",
+    "base_dilation", "window_dilation", "lhs_dilation", "rhs_dilation"})
+
+
+def _parts(traced) -> tuple[Any, list | None]:
+  """(open jaxpr, its constants or None where unknown) of a trace."""
+  jaxpr = compat.open_jaxpr(traced)
+  consts = getattr(traced, "consts", None)
+  if consts is None:
+    consts = getattr(jaxpr, "consts", None)
+  return jaxpr, None if consts is None else list(consts)
+
+
+def _is_jaxpr(x) -> bool:
+  return isinstance(x, (compat.Jaxpr, _ClosedJaxpr))
+
+
+def _same_value(a, b) -> bool:
+  """Equal constants: same shape, dtype and values (NaNs equal)."""
+  if a is b:
+    return True
+  try:
+    a, b = np.asarray(a), np.asarray(b)
+  except Exception:  # e.g. typed PRNG keys: equal only when the same object
+    return False
+  if a.shape != b.shape or a.dtype != b.dtype:
+    return False
+  try:
+    return bool(np.array_equal(a, b, equal_nan=True))
+  except TypeError:
+    return bool(np.array_equal(a, b))
+
+
+def _opaque(x) -> bool:
+  """Functions in params (custom derivative rules): not compared, see the module doc."""
+  return (callable(x) and not isinstance(x, type)) or hasattr(x, "call_wrapped")
+
+
+def _same_param(key: str, a, b, n: int) -> bool:
+  """Equal params, where entries of a shape param may be n in one and 1 in the other."""
+  if isinstance(a, (tuple, list)):
+    return (type(a) is type(b) and len(a) == len(b)
+            and all(_same_param(key, x, y, n) for x, y in zip(a, b)))
+  if isinstance(a, dict):
+    return (isinstance(b, dict) and a.keys() == b.keys()
+            and all(_same_param(key, a[k], b[k], n) for k in a))
+  if _opaque(a) and _opaque(b):
+    return True
+  if isinstance(a, (np.ndarray, jax.Array)) or isinstance(b, (np.ndarray, jax.Array)):
+    return _same_value(a, b)
+  if isinstance(a, (float, complex, np.inexact)):  # a NaN fill value equals itself
+    return type(a) is type(b) and _same_value(a, b)
+  integer = lambda x: isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+  if integer(a) and integer(b):
+    return a == b or (key in _SHAPE_PARAMS and (a, b) == (n, 1))
+  try:
+    return type(a) is type(b) and bool(a == b)
+  except Exception:
+    return False
+
+
+def _short(x) -> str:
+  """A value for a message: small arrays as lists, large ones by their shape."""
+  if isinstance(x, (np.ndarray, np.generic, jax.Array)) or hasattr(x, "__array__"):
+    try:
+      v = np.asarray(x)
+      return repr(v.tolist()) if v.size <= 8 else f"an array of shape {v.shape}"
+    except Exception:  # noqa: BLE001 - e.g. PRNG keys: fall back to repr
+      pass
+  text = repr(x)
+  return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _batch_axes(v, w, n: int) -> frozenset | str:
+  """The axes of `v` (at batch size n) that are `w`'s (at 1) at the batch size, or why
+  the two shapes differ otherwise."""
+  a, b = _shape(v), _shape(w)
+  if len(a) == len(b) and all(x == y or (x, y) == (n, 1) for x, y in zip(a, b)):
+    return frozenset(k for k, (x, y) in enumerate(zip(a, b)) if x != y)
+  return (f"its output has shape {a} at batch size {n} but {b} at batch size 1 (a "
+          "shape that depends on the batch size other than by the batch axis)")
+
+
+def _align(big, one, n: int) -> tuple[dict, dict]:
+  """Compares f traced at batch size n (`big`) and at 1 (`one`), equation by equation.
+
+  Returns, for each trace, {(jaxpr path, outvar): the axes of the batch size, or why
+  its shape differs}; raises `_Differs` where the programs differ otherwise.
   """
-  out = []
-  for eqn in compat.open_jaxpr(jaxpr).eqns:
-    lits = tuple(repr(getattr(a, "val", None)) for a in eqn.invars
-                 if isinstance(a, compat.Literal))
-    out.append((eqn.primitive, lits))
-    for sub in compat.sub_jaxprs(eqn):
-      out += literals(sub)
-  return out
+  sizes_big, sizes_one = {}, {}
+  (ja, ca), (jb, cb) = _parts(big), _parts(one)
+  _align_jaxpr(ja, jb, ca, cb, (), n, sizes_big, sizes_one)
+  return sizes_big, sizes_one
+
+
+def _align_jaxpr(a, b, ca, cb, prefix: tuple, n: int, sizes_a: dict, sizes_b: dict):
+  at = f" in the body of eqn {'/'.join(map(str, prefix))}" if prefix else ""
+  counts = lambda j: (len(j.invars), len(j.constvars), len(j.outvars))
+  if counts(a) != counts(b):
+    raise _Differs(f"the program{at} has other inputs, constants or outputs at batch "
+                   "size 1")
+  if a.constvars and (ca is None or cb is None or len(ca) != len(a.constvars)
+                      or len(cb) != len(b.constvars)):
+    raise _Differs(f"the constants of the program{at} are unknown")
+  for k, (x, y) in enumerate(zip(ca or (), cb or ())):
+    if not _same_value(x, y):
+      raise _Differs(f"constant {k}{at} (shape {np.shape(x)}) is {_short(x)} at batch "
+                     f"size {n} but {_short(y)} at batch size 1 (a constant built from "
+                     "the batch size)")
+  for i, (e, g) in enumerate(zip(a.eqns, b.eqns)):
+    _align_eqn(e, g, prefix, i, n, sizes_a, sizes_b)
+  if len(a.eqns) != len(b.eqns):
+    raise _Differs(f"the program{at} has {len(a.eqns)} equations at batch size {n} but "
+                   f"{len(b.eqns)} at batch size 1")
+  for x, y in zip(a.outvars, b.outvars):
+    _same_atom(x, y, f"an output of the program{at}", n)
+
+
+def _align_eqn(e, g, prefix: tuple, i: int, n: int, sizes_a: dict, sizes_b: dict):
+  where = _where(e, prefix + (i,))
+  if e.primitive != g.primitive:
+    raise _Differs(f"eqn {'/'.join(map(str, prefix + (i,)))} is {e.primitive} at batch "
+                   f"size {n} but {g.primitive} at batch size 1")
+  if (len(e.invars), len(e.outvars)) != (len(g.invars), len(g.outvars)):
+    raise _Differs(f"{where} has other operands at batch size 1")
+  for x, y in zip(e.invars, g.invars):
+    _same_atom(x, y, where, n)
+  if e.params.keys() != g.params.keys():
+    raise _Differs(f"{where} has other params at batch size 1")
+  for key, x in e.params.items():
+    y = g.params[key]
+    if _is_jaxpr(x) or _is_jaxpr(y) or (isinstance(x, tuple) and any(map(_is_jaxpr, x))):
+      _align_bodies(x, y, prefix + (i,), n, sizes_a, sizes_b, where)
+    elif not _same_param(key, x, y, n):
+      raise _Differs(f"{where}: its {key} is {_short(x)} at batch size {n} but "
+                     f"{_short(y)} at batch size 1")
+  for v, w in zip(e.outvars, g.outvars):
+    sizes_a[(prefix, v)] = sizes_b[(prefix, w)] = _batch_axes(v, w, n)
+
+
+def _align_bodies(x, y, path: tuple, n: int, sizes_a: dict, sizes_b: dict, where: str):
+  xs, ys = (list(t) if isinstance(t, tuple) else [t] for t in (x, y))
+  if len(xs) != len(ys) or not all(map(_is_jaxpr, xs + ys)):
+    raise _Differs(f"{where} has other bodies at batch size 1")
+  for u, v in zip(xs, ys):
+    (ju, cu), (jv, cv) = _parts(u), _parts(v)
+    _align_jaxpr(ju, jv, cu, cv, path, n, sizes_a, sizes_b)
+
+
+def _same_atom(x, y, where: str, n: int) -> None:
+  lx, ly = isinstance(x, compat.Literal), isinstance(y, compat.Literal)
+  if lx != ly or (lx and not (_shape(x) == _shape(y) and x.aval.dtype == y.aval.dtype
+                              and _same_value(x.val, y.val))):
+    show = lambda a: _short(a.val) if isinstance(a, compat.Literal) else "a value"
+    raise _Differs(f"{where} takes {show(x)} at batch size {n} but {show(y)} at batch "
+                   "size 1 (a value built from the batch size)")
 
 
 def infer(trace_at: Callable[[int], Any], num_params: int, batch: int) -> Decision:
-  """Batch independence of f, traced by `trace_at(n)` (a jaxpr at batch size n).
+  """Batch independence of f at batch size `batch`, from traces `trace_at(n)`.
 
-  Traced at two batch sizes (at least 2 and 3, where size-1 broadcasting cannot hide
-  a mixing axis): the propagation must prove independence on the first, and both
-  traces must agree on every primitive and literal.
+  Args:
+    trace_at: f traced at batch size n: a `ClosedJaxpr` or a `trace.Program` (a jaxpr
+      with its constants) whose invars are the parameter leaves, then the inputs.
+    num_params: how many invars are parameter leaves.
+    batch: the batch size N f is called with.
+
+  Returns:
+    A `Decision`, never an exception: independent only when f is proven per-example
+    at max(N, 2) and the program at batch size 1 (the one the per-example path runs)
+    is the same program; otherwise the reason says why the whole batch is used.
   """
   n = max(batch, 2)
-  first, second = trace_at(n), trace_at(n + 1)
-  flags = [i >= num_params for i in range(len(compat.open_jaxpr(first).invars))]
-  decision = analyse(first, flags)
-  if decision.independent and literals(first) != literals(second):
-    return Decision(False, "f's program changes with the batch size (a value depends on "
-                           "the number of examples)")
-  return decision
+  traces = {}
+  for size in (n, 1):
+    try:
+      traces[size] = trace_at(size)
+    except Exception as e:  # noqa: BLE001 - any failure means "not proven"
+      why = (" (what the per-example path runs)" if size == 1 else
+             "" if size == batch else f" (the analysis needs a batch of at least 2)")
+      return Decision(False, f"not proven: f could not be traced at batch size {size}"
+                             f"{why}: {type(e).__name__}: {_first_line(e)}")
+  try:
+    return _decide(traces[n], traces[1], num_params, n)
+  except Exception as e:  # noqa: BLE001 - a gap in the analysis is not the user's error
+    return Decision(False, f"not proven: the batch analysis failed ({type(e).__name__}: "
+                           f"{_first_line(e)})")
+
+
+def _decide(big, one, num_params: int, n: int) -> Decision:
+  flags = [i >= num_params for i in range(len(compat.open_jaxpr(big).invars))]
+  try:
+    sizes_big, sizes_one = _align(big, one, n)
+  except _Differs as e:
+    outs = _walk(compat.open_jaxpr(big), [State(0) if b else UNBATCHED for b in flags],
+                 (), None)
+    if any(o.mixed is not None for o in outs):
+      return _verdict(outs)  # examples meet at N already: the more useful reason
+    return Decision(False, f"not proven: f's program at batch size 1 (what the "
+                           f"per-example path runs) differs from the one at {n}: {e}")
+  decision = _analyse(compat.open_jaxpr(big), flags, sizes_big)
+  if not decision.independent:
+    return decision
+  at_one = _analyse(compat.open_jaxpr(one), flags, sizes_one)
+  if not at_one.independent:
+    return Decision(False, f"at batch size 1 (what the per-example path runs): "
+                           f"{at_one.reason}")
+  return Decision(True, f"{decision.reason}; the same program at batch sizes {n} and 1")
+
+
+def _first_line(e: Exception) -> str:
+  text = str(e).strip().splitlines()
+  return text[0] if text else ""
