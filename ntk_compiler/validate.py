@@ -95,8 +95,9 @@ class Verification:
   def message(self) -> str:
     """Why `ok` is False ("" when it is True)."""
     lines = [f"the user rule for {r.primitive} (operand {r.operand}, equation at "
-             f"{_where(r.path)} of f's jaxpr) is wrong: {r.error}. Fix the rule "
-             "(nc.check_rule reproduces this) or remove it (nc.unregister_rule)."
+             f"{_where(r.path)} of f's jaxpr) is wrong: {r.error.rstrip('.')}. Fix "
+             "the rule (nc.check_rule reproduces this) or remove it "
+             "(nc.unregister_rule, or rules={primitive: None})."
              for r in self.rules if not r.ok]
     if self.relative_error > self.tolerance:
       lines.append(
@@ -104,13 +105,13 @@ class Verification:
           f"{self.relative_error:.2e} relative (tolerance {self.tolerance:.1e}, "
           "√eps of the output dtype): for a random v, Θ·v from the kernel differs "
           "from J(x1) J(x2)ᵀ v computed with one VJP and one JVP. "
-          + ("A wrong user rule (above) explains it. " if lines else "")
-          + "Likely causes: an autodiff bug upstream, such as JAX 0.10.2's vmap of a "
-          "VJP through jnp.split inside lax.scan (the whole-batch path vmaps the VJP "
-          "over the output basis); or a custom_vjp whose backward pass is not linear "
-          "in its cotangent. Try method='ntk_vp' (forward mode over the outputs), or "
-          "batch_independent=True if f treats examples independently (no vmap over "
-          "the whole batch's outputs).")
+          + ("The wrong user rule above explains it." if lines else
+             "Likely causes: an autodiff bug upstream, such as JAX 0.10.2's vmap of a "
+             "VJP through jnp.split inside lax.scan (the whole-batch path vmaps the VJP "
+             "over the output basis); or a custom_vjp whose backward pass is not "
+             "linear in its cotangent. Try method='ntk_vp' (forward mode over the "
+             "outputs), or batch_independent=True if f treats examples independently "
+             "(no vmap over the whole batch's outputs)."))
     return "\n".join(lines)
 
 
