@@ -179,7 +179,9 @@ def _walk(jaxpr, in_states: Sequence[State], prefix: tuple,
     path = prefix + (i,)
     outs = _apply(eqn, ins, path, sizes)
     for v, s in zip(eqn.outvars, outs):
-      env[v] = s if sizes is None else _sized(s, sizes.get((prefix, v)), _where(eqn, path))
+      if sizes is not None:
+        s = _sized(s, sizes.get((prefix, v)), _where(eqn, path))
+      env[v] = s
   return [read(v) for v in jaxpr.outvars]
 
 
@@ -786,7 +788,9 @@ class _Differs(Exception):
 # with the batch size (from N to 1 exactly). Any other param must be equal in both
 # traces: `x ** N` (integer_pow's `y`) or a loop of N steps (scan's `length`) changes
 # the computation itself. Where such an entry is not on an axis of the batch size, the
-# shape of an output changes too, and `_sized` sees it.
+# shape of an output changes too (`x[:, N:]`), or another entry is N + c, not N
+# (`x[:, N:N + 1]`), and the comparison fails. Keyed by name: a param renamed by a JAX
+# release only makes the comparison stricter (the whole-batch path), never unsound.
 _SHAPE_PARAMS = frozenset({
     "shape", "new_sizes", "start_indices", "limit_indices", "strides", "slice_sizes",
     "padding_config", "sizes", "window_dimensions", "window_strides", "padding",
@@ -852,7 +856,8 @@ def _same_param(key: str, a, b, n: int) -> bool:
 
 def _short(x) -> str:
   """A value for a message: small arrays as lists, large ones by their shape."""
-  if isinstance(x, (np.ndarray, np.generic, jax.Array)) or hasattr(x, "__array__"):
+  if (isinstance(x, (np.ndarray, np.generic, jax.Array, int, float, complex))
+      or hasattr(x, "__array__")):
     try:
       v = np.asarray(x)
       return repr(v.tolist()) if v.size <= 8 else f"an array of shape {v.shape}"

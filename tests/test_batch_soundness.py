@@ -60,7 +60,8 @@ def power_of_n(p, x):
 
 
 def loop_of_n_steps(p, x):
-  return lax.fori_loop(0, x.shape[0], lambda i, h: jnp.tanh(h @ p["w"][:, :D]), x) @ p["w"]
+  step = lambda i, h: jnp.tanh(h @ p["w"][:, :D])
+  return lax.fori_loop(0, x.shape[0], step, x) @ p["w"] @ p["v"]
 
 
 def sum_of_an_n_sized_constant(p, x):
@@ -188,6 +189,33 @@ def test_per_example_at_every_batch_size(f, n):
   d = decide(f, W, X1[:n])
   assert d.independent, d.reason
   assert f"batch sizes {max(n, 2)} and 1" in d.reason
+
+
+def _jit_scale(c):
+  return lambda y: jax.jit(lambda z: z * c(z))(y)
+
+
+@pytest.mark.parametrize("f, independent", [
+    (lambda p, x: _jit_scale(lambda z: np.arange(5.0))(x @ p), True),
+    (lambda p, x: _jit_scale(lambda z: np.full(5, z.shape[0]))(x @ p), False),
+    (lambda p, x: lax.cond(p.sum() > 0, _jit_scale(lambda z: np.arange(5.0)),
+                           lambda y: y, x @ p), True),
+    (lambda p, x: lax.cond(p.sum() > 0, lambda y: y * np.full(5, y.shape[0]),
+                           lambda y: y, x @ p), False),
+    (lambda p, x: lax.scan(lambda h, t: (h * np.full(5, x.shape[0]) + t, None), x @ p,
+                           jnp.arange(3.0))[0], False),
+    (lambda p, x: lax.while_loop(lambda c: c[0] < x.shape[0],
+                                 lambda c: (c[0] + 1, jnp.tanh(c[1])), (0, x @ p))[1],
+     False),
+    (lambda p, x: (x @ p) * jax.random.bernoulli(jax.random.PRNGKey(0), 0.5, (5,)), True),
+    (lambda p, x: (x @ p) * jax.random.bernoulli(jax.random.PRNGKey(0), 0.5,
+                                                  (x.shape[0], 5)), False),
+], ids=["jit_constant", "jit_constant_of_n", "cond_constant", "cond_constant_of_n",
+        "scan_constant_of_n", "while_n_steps", "dropout_per_feature",
+        "dropout_per_position"])
+def test_bodies_are_compared_too(f, independent):
+  d = decide(f, W, X1)
+  assert d.independent == independent, d.reason
 
 
 def test_a_failed_trace_is_not_proven():

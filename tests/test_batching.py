@@ -175,6 +175,13 @@ def test_mixes(name):
     assert str(prim) in d.reason, d.reason
 
 
+def test_squeezing_the_batch_axis_mixes():
+  """At N = 1 a squeeze may take the batch axis with it: the output has no row axis."""
+  d = decide(lambda p, x: jnp.squeeze(x[:, :1]) * p, 1.0, X[:1])
+  assert not d.independent and str(lax.squeeze_p) in d.reason, d.reason
+  assert decide(lambda p, x: jnp.squeeze(x[:, :1], 1) * p, 1.0, X[:1]).independent
+
+
 def test_position_constant_closure():
   c = np.arange(N * D, dtype=np.float64).reshape(N, D)
   d = decide(lambda p, x: x * c, 1.0, X)
