@@ -20,9 +20,10 @@ n = max(N, 2) and at 1, and "independent" needs all of:
    reason; the analysis never raises.
 2. The two traces are one program up to the batch size (`_align`), equation by
    equation and in every sub-jaxpr: the same primitives; equal literals and constants
-   (closed-over arrays included: `/ jnp.array([N])`, `np.ones(O) / N`); equal params,
-   except entries of shape-like params (`_SHAPE_PARAMS`) that are n in one and 1 in
-   the other; every intermediate's shape equal except on axes of size n versus 1.
+   (closed-over arrays included: `/ jnp.array([N])`, `np.ones(O) / N`); equal params
+   (a callback's function included), except entries of shape-like params
+   (`_SHAPE_PARAMS`) that are n in one and 1 in the other; every intermediate's shape
+   equal except on axes of size n versus 1.
    This catches a squeeze whose `dimensions` grow at N = 1, Python branches on N, and
    `x ** N` or a loop of N steps. Two sizes are enough: they are the only sizes the
    per-example path runs, so a value that depends on N but agrees at n and 1 computes
@@ -827,19 +828,21 @@ def _same_value(a, b) -> bool:
 
 
 def _opaque(x) -> bool:
-  """Functions in params (custom derivative rules): not compared, see the module doc."""
+  """A function in params: custom derivative rules are not compared (see the module
+  doc); any other (a callback) must be the same object in both traces."""
   return (callable(x) and not isinstance(x, type)) or hasattr(x, "call_wrapped")
 
 
-def _same_param(key: str, a, b, n: int) -> bool:
-  """Equal params, where entries of a shape param may be n in one and 1 in the other."""
+def _same_param(key: str, a, b, n: int, rules: bool) -> bool:
+  """Equal params, where entries of a shape param may be n in one and 1 in the other;
+  `rules`: functions are custom derivative rules, which are not compared."""
   if isinstance(a, (tuple, list)):
     return (type(a) is type(b) and len(a) == len(b)
-            and all(_same_param(key, x, y, n) for x, y in zip(a, b)))
+            and all(_same_param(key, x, y, n, rules) for x, y in zip(a, b)))
   if isinstance(a, dict):
     return (isinstance(b, dict) and a.keys() == b.keys()
-            and all(_same_param(key, a[k], b[k], n) for k in a))
-  if _opaque(a) and _opaque(b):
+            and all(_same_param(key, a[k], b[k], n, rules) for k in a))
+  if rules and _opaque(a) and _opaque(b):
     return True
   if isinstance(a, (np.ndarray, jax.Array)) or isinstance(b, (np.ndarray, jax.Array)):
     return _same_value(a, b)
@@ -927,7 +930,7 @@ def _align_eqn(e, g, prefix: tuple, i: int, n: int, sizes_a: dict, sizes_b: dict
     y = g.params[key]
     if _is_jaxpr(x) or _is_jaxpr(y) or (isinstance(x, tuple) and any(map(_is_jaxpr, x))):
       _align_bodies(x, y, prefix + (i,), n, sizes_a, sizes_b, where)
-    elif not _same_param(key, x, y, n):
+    elif not _same_param(key, x, y, n, e.primitive in _CUSTOM):
       raise _Differs(f"{where}: its {key} is {_short(x)} at batch size {n} but "
                      f"{_short(y)} at batch size 1")
   for v, w in zip(e.outvars, g.outvars):

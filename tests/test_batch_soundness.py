@@ -218,6 +218,21 @@ def test_bodies_are_compared_too(f, independent):
   assert d.independent == independent, d.reason
 
 
+def _two():
+  return np.float64(2.0)
+
+
+def test_a_callback_must_be_the_same_function():
+  """Unlike custom derivative rules, a callback's function is compared: a closure over
+  N is a new function at each batch size."""
+  def f(callback):
+    out = jax.ShapeDtypeStruct((), jnp.float64)
+    return lambda p, x: (x @ p) * jax.pure_callback(callback(x.shape[0]), out)
+  d = decide(f(lambda n: lambda: np.float64(n)), W, X1)
+  assert not d.independent and "pure_callback" in d.reason, d.reason
+  assert decide(f(lambda n: _two), W, X1).independent
+
+
 def test_a_failed_trace_is_not_proven():
   def trace_at(n):
     if n == 2:
