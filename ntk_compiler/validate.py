@@ -146,17 +146,20 @@ def verify(ntk_fn, params, x1, x2, kernel, seed: int = 0) -> Verification:
   refuse_tracers("NTKFunction.verify", params, x1, x2)
   plan = ntk_fn._plan(params, x1, x2)
   reports = []
-  if plan.method == "structured":
+  if plan.method == "structured" and plan.kept:
     for engine, x in ((plan.engine, x1), (plan.engine2, x2)):
       if engine is not None:
         reports += check_user_rules(engine, ntk_fn.rules, params, x,
                                     plan.problem.batch_independent, seed)
-  problem = plan.problem
+  problem = plan.problem  # its f returns the output leaves whose kernel has entries
+  kernels = jax.tree_util.tree_leaves(kernel)
   errors, probes, tolerance = kernel_errors(
-      ntk_fn.f, params, x1, x2, jax.tree_util.tree_leaves(kernel), problem.layouts,
+      problem.f, params, x1, x2, [kernels[i] for i in plan.kept], problem.layouts,
       problem.shapes1, problem.shapes2, seed)
-  return Verification(max(errors, default=0.0), tuple(errors), tolerance,
-                      tuple(reports), plan.method, probes)
+  leaf_errors = dict(zip(plan.kept, errors))
+  return Verification(max(errors, default=0.0),
+                      tuple(leaf_errors.get(i, 0.0) for i in range(len(kernels))),
+                      tolerance, tuple(reports), plan.method, probes)
 
 
 def _signature(params, x1, x2):
@@ -326,7 +329,7 @@ def kernel_errors(f, params, x1, x2, kernels, layouts, shapes1, shapes2,
         for l, s2, leaf in zip(layouts, shapes2, leaves2)]
   probes = sum(math.prod(s2[a] for a in l.trace + l.diagonal)
                for l, s2 in zip(layouts, shapes2))
-  if not jax.tree_util.tree_leaves(params):
+  if not layouts or not jax.tree_util.tree_leaves(params):
     return [0.0] * len(layouts), 0, tolerance
   measured = _jvp_vjp(f, tuple(layouts), tuple(map(tuple, shapes2)),
                       _uses_custom_vjp(f, params, x1))(params, x1, x2, rs)

@@ -341,3 +341,14 @@ def test_user_rule_inside_a_scan_checked_at_its_first_step():
                      r"eqns\[\d+\]\[\d+\]"):
     nc.compile_ntk(gated_rnn, method="structured", batch_independent=False,
                    rules=wrong, validate=True)(p, x)
+
+
+def test_empty_kernels_and_empty_leaves():
+  f = lambda p, x: {"a": mlp(p, x), "b": (x @ p["w"])[:, :0]}
+  ntk_fn = nc.compile_ntk(f, method="structured", trace_axes=(), validate=True)
+  kernel = ntk_fn(P, X1, X2)
+  assert kernel["b"].shape == (4, 3, 0, 0)
+  assert ntk_fn.verify(P, X1, X2).leaf_errors[1] == 0.0
+  empty = jnp.zeros((0, 3))
+  assert nc.compile_ntk(mlp, validate=True)(P, empty, X2).shape == (0, 3)
+  assert nc.compile_ntk(mlp).verify(P, empty).ok
