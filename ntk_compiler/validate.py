@@ -34,6 +34,10 @@ from ntk_compiler import rules as rules_lib
 
 Path = tuple
 
+# The largest dense Jacobian (entries) a rule is checked on; beyond, the kernel check
+# alone covers the rule's use (a float64 Jacobian of 2^24 entries takes 128 MiB).
+MAX_JACOBIAN = 2 ** 24
+
 
 class ValidationError(AssertionError):
   """`validate=True` found a wrong user rule or a kernel that disagrees with autodiff.
@@ -56,13 +60,17 @@ class RuleReport:
     operand: the operand the parameter flows into.
     path: the equation's position in f's jaxpr (indices into nested bodies).
     error: None if the rule passed, else `check_rule`'s message (factor or structure).
-    max_error: the largest |expanded factor − jax.jacfwd| seen (0 if it failed).
+    max_error: the largest |expanded factor − jax.jacfwd| seen (0 if it failed, NaN
+      if not checked).
+    skipped: why the rule was not checked here ("" if it was): a dense Jacobian of
+      more than `MAX_JACOBIAN` entries. The kernel check still covers its use.
   """
   primitive: Any
   operand: int
   path: Path
   error: str | None
   max_error: float
+  skipped: str = ""
 
   @property
   def ok(self) -> bool:
@@ -199,6 +207,14 @@ def check_user_rules(engine, rules, params, x, per_example: bool,
     rule = rules[eqn.primitive]
     for operand in sorted(operands):
       invals = values.get(path)
+      size = math.prod(eqn.invars[operand].aval.shape) * sum(
+          math.prod(v.aval.shape) for v in eqn.outvars)
+      if size > MAX_JACOBIAN:
+        reports.append(RuleReport(
+            eqn.primitive, operand, path, None, math.nan,
+            f"its dense Jacobian would have {size:.2e} entries (more than "
+            f"{MAX_JACOBIAN:.1e}); check the rule with nc.check_rule on smaller shapes"))
+        continue
       try:
         if invals is None:  # a cond branch not taken here: random values only
           base = [np.zeros(v.aval.shape, v.aval.dtype) for v in eqn.invars]

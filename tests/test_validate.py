@@ -352,3 +352,13 @@ def test_empty_kernels_and_empty_leaves():
   empty = jnp.zeros((0, 3))
   assert nc.compile_ntk(mlp, validate=True)(P, empty, X2).shape == (0, 3)
   assert nc.compile_ntk(mlp).verify(P, empty).ok
+
+
+def test_rule_on_a_huge_equation_is_skipped_with_a_reason(monkeypatch):
+  from ntk_compiler import validate
+  monkeypatch.setattr(validate, "MAX_JACOBIAN", 5)  # mul: 3 x 3 per example
+  wrong = {lax.mul_p: scaled(elementwise.mul_rule, 1.01)}
+  report = nc.compile_ntk(mlp, method="structured", rules=wrong).verify(P, X1, X2)
+  (r,) = report.rules
+  assert r.ok and "dense Jacobian would have" in r.skipped
+  assert not report.ok and report.relative_error > 1e-3  # the kernel check still sees it
