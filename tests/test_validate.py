@@ -362,3 +362,20 @@ def test_rule_on_a_huge_equation_is_skipped_with_a_reason(monkeypatch):
   (r,) = report.rules
   assert r.ok and "dense Jacobian would have" in r.skipped
   assert not report.ok and report.relative_error > 1e-3  # the kernel check still sees it
+
+
+def test_user_rule_in_both_cond_branches():
+  """The branch taken is checked at its operands, the other at random values only."""
+  def f(p, x):
+    flag = jnp.ones(()) > 0  # the same for every example
+    h = lax.cond(flag, lambda h: h * p["s"], lambda h: h * 2 * p["s"], x)
+    return jnp.tanh(h @ p["w"]) @ p["v"]
+  right = {lax.mul_p: scaled(elementwise.mul_rule, 1.0)}
+  ntk_fn = nc.compile_ntk(f, method="structured", batch_independent=True, rules=right)
+  report = ntk_fn.verify(P, X1, X2)
+  assert report.ok
+  assert {r.path[1] for r in report.rules if len(r.path) > 2} == {0, 1}  # both branches
+  wrong = {lax.mul_p: scaled(elementwise.mul_rule, 1.01)}
+  bad = nc.compile_ntk(f, method="structured", batch_independent=True,
+                       rules=wrong).verify(P, X1, X2)
+  assert {r.path[1] for r in bad.rules if not r.ok and len(r.path) > 2} == {0, 1}
