@@ -261,3 +261,54 @@ def test_constants_are_compared_by_value_shape_and_dtype():
   assert not same(np.ones((1, 2)), np.ones((2, 1)))
   assert not same(np.ones(2, np.float32), np.ones(2, np.float64))
   assert not same(np.array([4]), np.array([1]))
+
+
+# Random compositions: whatever is proven per-example must be, row by row.
+
+_N = lambda h: h.shape[0]
+_LAYERS = [
+    lambda h, p: jnp.tanh(h @ p),
+    lambda h, p: h * np.arange(1.0, D + 1),
+    lambda h, p: h / _N(h),
+    lambda h, p: h - h.mean(0),
+    lambda h, p: h - h.mean(1, keepdims=True),
+    lambda h, p: h + jnp.zeros((_N(h), D)),
+    lambda h, p: h * jnp.ones((_N(h), D)).sum(0),
+    lambda h, p: jnp.squeeze(h[:, :1])[..., None] * jnp.ones(D),
+    lambda h, p: h[:, ::-1],
+    lambda h, p: h[::-1],
+    lambda h, p: jnp.roll(h, _N(h), 1),
+    lambda h, p: jnp.cumsum(h, 1),
+    lambda h, p: jnp.cumsum(h, 0),
+    lambda h, p: h * (jnp.arange(_N(h)) < 100)[:, None],
+    lambda h, p: h * jnp.array([_N(h)]),
+    lambda h, p: lax.fori_loop(0, 2, lambda i, c: jnp.tanh(c @ p), h),
+    lambda h, p: lax.fori_loop(0, _N(h), lambda i, c: jnp.tanh(c @ p), h),
+    lambda h, p: h ** min(_N(h), 2),
+    lambda h, p: h.reshape(-1, D),
+    lambda h, p: jax.nn.softmax(h, 0),
+    lambda h, p: jax.nn.softmax(h, 1),
+    lambda h, p: h * (2.0 if _N(h) > 1 else 1.0),
+    lambda h, p: jnp.pad(h, ((1, 0), (0, 0)))[:_N(h)],
+    lambda h, p: h + jnp.broadcast_to(p[0], (_N(h), D)),
+    lambda h, p: h * jnp.linspace(0.0, 1.0, _N(h) + D)[-D:],
+]
+
+
+def test_proven_means_each_row_is_f_of_its_example():
+  rng = np.random.default_rng(8)
+  w = rand(D, D, seed=6)
+  proven = 0
+  for _ in range(60):
+    layers = [_LAYERS[i] for i in rng.integers(len(_LAYERS), size=rng.integers(1, 4))]
+    def f(p, x, layers=layers):
+      for layer in layers:
+        x = layer(x, p)
+      return x
+    x = rand(int(rng.choice([1, 2, 3])), D, seed=int(rng.integers(100)))
+    if not decide(f, w, x).independent:
+      continue
+    proven += 1
+    rows = jnp.concatenate([f(w, x[i:i + 1]) for i in range(x.shape[0])])
+    np.testing.assert_allclose(rows, f(w, x), rtol=1e-12, atol=1e-12)
+  assert proven >= 10  # the draw exercises the positive side too
