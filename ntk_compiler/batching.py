@@ -15,9 +15,8 @@ size N as f(params, x[i:i+1])[0]: it runs f at N (ntk_vp's linearisation, shapes
 at 1 (every per-example Jacobian, VJP and structured plan). So f is traced at
 n = max(N, 2) and at 1, and "independent" needs all of:
 
-1. Both traces succeed. A trace that raises (`x * W[:x.shape[0]]` with a table of N
-   rows fails at other sizes) means "not proven", with the size and the error in the
-   reason; the analysis never raises.
+1. Both traces succeed. A trace that raises (f that only works at even N) means "not
+   proven", with the size and the error in the reason; the analysis never raises.
 2. The two traces are one program up to the batch size (`_align`), equation by
    equation and in every sub-jaxpr: the same primitives; equal literals and constants
    (closed-over arrays included: `/ jnp.array([N])`, `np.ones(O) / N`); equal params
@@ -28,8 +27,9 @@ n = max(N, 2) and at 1, and "independent" needs all of:
    `x ** N` or a loop of N steps. Two sizes are enough: they are the only sizes the
    per-example path runs, so a value that depends on N but agrees at n and 1 computes
    the same thing at both; and n >= 2 tells the batch size apart from a size-1 axis.
-   (A third trace at n + 1, tried first, only adds cost and a size the user never
-   passed, at which f may not even trace.)
+   (A third trace at n + 1, as the pass once had, proves nothing more, costs another
+   make_jaxpr, and runs f at a size the user never passed, where it may fail: a table
+   of exactly N rows, `x * W[:x.shape[0]]`.)
 3. The propagation proves independence on both traces, told which axes of every
    value have the batch size (`_sized`): a batched value must have it on its batch
    axis only; an unbatched value with such an axis (`jnp.zeros((N, H))`) counts as
@@ -976,7 +976,7 @@ def infer(trace_at: Callable[[int], Any], num_params: int, batch: int) -> Decisi
       traces[size] = trace_at(size)
     except Exception as e:  # noqa: BLE001 - any failure means "not proven"
       why = (" (what the per-example path runs)" if size == 1 else
-             "" if size == batch else f" (the analysis needs a batch of at least 2)")
+             "" if size == batch else " (the analysis needs a batch of at least 2)")
       return Decision(False, f"not proven: f could not be traced at batch size {size}"
                              f"{why}: {type(e).__name__}: {_first_line(e)}")
   try:
