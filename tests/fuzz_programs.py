@@ -902,16 +902,15 @@ def _leaf_layout(trace, diag, shape1, shape2):
   return None, ambiguous, tuple(shape), math.prod(shape1[a] for a in set(tr)) == 0
 
 
-def expected(program: Program, params, x1, x2) -> Expected:
+def expected(f, params, x1, x2, trace_axes, diagonal_axes) -> Expected:
   """The oracle's kernel, or why the arguments are invalid."""
-  f = program.f
   out1 = jax.eval_shape(f, params, x1)
   out2 = out1 if x2 is None else jax.eval_shape(f, params, x2)
   leaves1, tree1 = jax.tree_util.tree_flatten(out1)
   leaves2, tree2 = jax.tree_util.tree_flatten(out2)
   if tree1 != tree2:
     return Expected(error=f"f returns different pytrees: {tree1}, {tree2}")
-  trace, diag = _axes(program.trace_axes), _axes(program.diagonal_axes)
+  trace, diag = _axes(trace_axes), _axes(diagonal_axes)
   kernels, either, nan_ok = [], False, False
   for l1, l2 in zip(leaves1, leaves2):
     error, ambiguous, shape, empty_trace = _leaf_layout(trace, diag, l1.shape, l2.shape)
@@ -971,51 +970,60 @@ def _compare(kernel, want: Expected, rtol: float) -> str | None:
 
 
 def check(program: Program, methods=METHODS, log: dict | None = None) -> list[str]:
-  """Runs every method on the program; returns the failures found (empty: all good).
+  """Runs every method on a drawn program; returns the failures (empty: all good).
 
   `log`, if given, receives per method (and for the oracle) the seconds spent and the
   outcome ("kernel" or the error raised)."""
+  params, x1, x2 = program.arguments()
+  return check_call(program.f, params, x1, x2, trace_axes=program.trace_axes,
+                    diagonal_axes=program.diagonal_axes,
+                    batch_independent=program.batch_independent, rtol=program.rtol,
+                    custom_vjp="custom_vjp" in program.flags, methods=methods, log=log)
+
+
+def check_call(f, params, x1, x2=None, *, trace_axes=(-1,), diagonal_axes=(),
+               batch_independent=None, rtol=RTOL["float64"], custom_vjp=False,
+               methods=METHODS, log: dict | None = None) -> list[str]:
+  """Every method's `compile_ntk(f, ...)(params, x1, x2)` against the oracle.
+
+  Returns the failures: a wrong kernel, a crash that is not a clear library error, a
+  library error for valid arguments (ntk_vp may refuse f that calls custom_vjp
+  functions), a kernel for invalid arguments, kernels of different dtypes."""
+  log = {} if log is None else log
   filtering = jax.config.jax_traceback_filtering
   jax.config.update("jax_traceback_filtering", "off")
   try:
-    return _check(program, methods, {} if log is None else log)
+    start = time.perf_counter()
+    want = expected(f, params, x1, x2, trace_axes, diagonal_axes)
+    log["oracle"] = (time.perf_counter() - start, want.error or "kernel")
+    failures, dtypes = [], {}
+    for method in methods:
+      start = time.perf_counter()
+      try:
+        ntk_fn = nc.compile_ntk(f, method=method, trace_axes=trace_axes,
+                                diagonal_axes=diagonal_axes,
+                                batch_independent=batch_independent)
+        kernel = jax.block_until_ready(ntk_fn(params, x1, x2))
+        if method == "auto":
+          str(ntk_fn.explain(params, x1, x2))
+      except Exception as e:  # noqa: BLE001  (judged below)
+        log[method] = (time.perf_counter() - start, _describe(e))
+        if not _is_library_error(e):
+          failures.append(f"{method}: crashed: {_describe(e)}")
+        elif not (want.error or want.either or (
+            method == "ntk_vp" and custom_vjp and isinstance(e, NotImplementedError))):
+          failures.append(f"{method}: refused valid arguments: {_describe(e)}")
+        continue
+      log[method] = (time.perf_counter() - start, "kernel")
+      if want.error:
+        failures.append(f"{method}: returned a kernel, but should raise: {want.error}")
+        continue
+      problem = _compare(kernel, want, rtol)
+      if problem:
+        failures.append(f"{method}: {problem}")
+      dtypes[method] = {str(jnp.result_type(k)) for k in jax.tree_util.tree_leaves(kernel)}
+    if len({frozenset(d) for d in dtypes.values()}) > 1:
+      failures.append(f"kernel dtypes differ between methods: {dtypes}")
+    return failures
   finally:
     jax.config.update("jax_traceback_filtering", filtering)
-
-
-def _check(program: Program, methods, log: dict) -> list[str]:
-  params, x1, x2 = program.arguments()
-  start = time.perf_counter()
-  want = expected(program, params, x1, x2)
-  log["oracle"] = (time.perf_counter() - start, want.error or "kernel")
-  failures, dtypes = [], {}
-  for method in methods:
-    start = time.perf_counter()
-    try:
-      ntk_fn = nc.compile_ntk(program.f, method=method, trace_axes=program.trace_axes,
-                              diagonal_axes=program.diagonal_axes,
-                              batch_independent=program.batch_independent)
-      kernel = ntk_fn(params, x1, x2)
-      if method == "auto":
-        str(ntk_fn.explain(params, x1, x2))
-      jax.block_until_ready(kernel)
-    except Exception as e:  # noqa: BLE001  (judged below)
-      log[method] = (time.perf_counter() - start, _describe(e))
-      if not _is_library_error(e):
-        failures.append(f"{method}: crashed: {_describe(e)}")
-      elif not (want.error or want.either or (
-          method == "ntk_vp" and "custom_vjp" in program.flags
-          and isinstance(e, NotImplementedError))):
-        failures.append(f"{method}: refused valid arguments: {_describe(e)}")
-      continue
-    log[method] = (time.perf_counter() - start, "kernel")
-    if want.error:
-      failures.append(f"{method}: returned a kernel, but should raise: {want.error}")
-      continue
-    problem = _compare(kernel, want, program.rtol)
-    if problem:
-      failures.append(f"{method}: {problem}")
-    dtypes[method] = {str(jnp.result_type(k)) for k in jax.tree_util.tree_leaves(kernel)}
-  if len({frozenset(d) for d in dtypes.values()}) > 1:
-    failures.append(f"kernel dtypes differ between methods: {dtypes}")
-  return failures

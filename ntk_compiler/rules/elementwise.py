@@ -43,7 +43,8 @@ def _scaled(eqn: EqnInfo, operand: int, coef: Callable, coef_shape: tuple,
   y_shape = tuple(eqn.out_aval.shape)
   w_shape = tuple(eqn.in_avals[operand].shape)
   ndim = len(y_shape)
-  varies = lambda shape, a: len(shape) == ndim and shape[a] == y_shape[a] and y_shape[a] > 1
+  # A 0-sized axis counts as varying: the factor keeps it (empty), none is squeezed.
+  varies = lambda shape, a: len(shape) == ndim and shape[a] == y_shape[a] != 1
   w_full = lambda a: len(w_shape) == ndim and w_shape[a] == y_shape[a]
   trace, diagonal, tiled, free = [], [], [], []
   for a in range(ndim):
