@@ -916,8 +916,9 @@ def expected(f, params, x1, x2, trace_axes, diagonal_axes) -> Expected:
     error, ambiguous, shape, empty_trace = _leaf_layout(trace, diag, l1.shape, l2.shape)
     if error is not None:
       return Expected(error=error)
-    either |= ambiguous
-    nan_ok |= (l1.size == 0 or l2.size == 0) and empty_trace and math.prod(shape) > 0
+    # A traced axis of size 0 asks for means over no entries: NaN, 0 or an error.
+    either |= ambiguous or empty_trace
+    nan_ok |= empty_trace
     kernels.append(np.zeros(shape))
   # The oracle's Jacobians cannot be reshaped for a 0-sized output: those kernels are
   # zeros. jit only makes the oracle's reverse-mode Jacobians faster (one dispatch).
