@@ -403,7 +403,7 @@ def _expand(b: _Builder):
 
 def _concat(b: _Builder):
   f = b.size(-1)
-  kind = b.pick(["prefix", "dense", "param"])
+  kind = b.pick((["prefix"] if f else []) + ["dense", "param"])
   k = b.pick([1, 2]) if kind != "prefix" else b.pick(range(1, f + 1))
   if kind == "prefix":
     text, g = f"h[..., :{k}]", lambda p, h: h[..., :k]
@@ -481,6 +481,12 @@ def _sum_broadcast(b: _Builder):
          lambda p, h, ins: 0.5 * h + h.sum(axis=i + 1, keepdims=True))
 
 
+def _promoted(*arrays):
+  """lax.conv_general_dilated wants operands of one dtype (jnp ops promote)."""
+  dtype = jnp.result_type(*arrays)
+  return tuple(a.astype(dtype) for a in arrays)
+
+
 def _conv_size(n, k, stride, dilation, padding):
   span = (k - 1) * dilation + 1
   if padding == "SAME":
@@ -500,8 +506,9 @@ def _conv1d(b: _Builder):
 
   def fn(p, h, ins):
     lead = h.shape[:-2]
+    h, kernel = _promoted(h, w(p))
     y = lax.conv_general_dilated(
-        h.reshape((math.prod(lead),) + h.shape[-2:]), w(p), (stride,), padding,
+        h.reshape((math.prod(lead),) + h.shape[-2:]), kernel, (stride,), padding,
         rhs_dilation=(dilation,), feature_group_count=groups,
         dimension_numbers=("NWC", "WIO", "NWC"))
     return y.reshape(lead + y.shape[1:])
@@ -517,7 +524,8 @@ def _conv2d(b: _Builder):
   new = [(_conv_size(n, k, 1, 1, padding),) * 2 for n in (hh, ww)]
   b.emit(f"h = conv2d(h, {text}, {padding})",
          lambda p, h, ins: lax.conv_general_dilated(
-             h, w(p), (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")),
+             *_promoted(h, w(p)), (1, 1), padding,
+             dimension_numbers=("NHWC", "HWIO", "NHWC")),
          new + [(cout, cout)])
 
 
