@@ -12,6 +12,7 @@ from jax import lax
 import models_control
 import ntk_compiler as nc
 import oracle
+import tiers
 from models_structured import rnn_scan
 
 BY_NAME = {m.name: m for m in models_control.ZOO}
@@ -109,7 +110,7 @@ def test_custom_derivatives_use_the_user_rules():
   assert not np.allclose(kernel, plain_kernel, rtol=1e-3)
 
 
-@pytest.mark.parametrize("with_x2", [True, False])
+@pytest.mark.parametrize("with_x2", [True, pytest.param(False, marks=tiers.full)])
 def test_all_methods_agree_on_a_while_model(with_x2):
   model = BY_NAME["while_fixed_trips"]
   params, x1, x2 = model.draw(1, 3, 2, jnp.float64)

@@ -22,6 +22,7 @@ import pytest
 
 import ntk_compiler as nc
 import oracle
+import tiers
 
 F64 = jnp.float64
 RTOL_F64 = 1e-10
@@ -282,7 +283,11 @@ def _built(model):
 
 # ------------------------------------------------------------------- against the oracle
 
-@pytest.mark.parametrize("model, with_x2", list(_cases()))
+# The default tier runs each library and each kind of model (MLP, CNN, embedding,
+# attention) once, with x2 given and omitted; the full tier every model both ways.
+@pytest.mark.parametrize("model, with_x2", tiers.representative(
+    _cases(), lambda model, with_x2: [model.name.split("_")[0], model.name.split("_")[1],
+                                      with_x2]))
 def test_matches_oracle(model, with_x2):
   f, params, x1, x2, ntk_fn = _built(model)
   x2 = x2 if with_x2 else None
@@ -309,7 +314,8 @@ def _is_layer_weight(leaf):
           and not _is_embedding(leaf.path))
 
 
-@pytest.mark.parametrize("model", MODELS, ids=lambda m: m.name)
+@pytest.mark.parametrize("model", tiers.representative(
+    MODELS, lambda model: model.name.split("_")), ids=lambda m: m.name)
 def test_explain_structured(model):
   """No dense fallback, and every Linear / Dense / Conv weight goes through the rule of
   its dot_general or convolution."""

@@ -12,6 +12,7 @@ from jax.extend.core import primitives as prims
 import ntk_compiler as nc
 from ntk_compiler import compat, loops
 from oracle import assert_matches, oracle_ntk
+import tiers
 
 RTOL_F64 = 1e-10
 
@@ -228,10 +229,21 @@ def test_jacrev_fails_on_while_and_works_after_rewrite():
     np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("independent", [None, True], ids=["inferred", "per_example"])
-@pytest.mark.parametrize("trace", [(-1,), ()], ids=["traced", "full"])
-@pytest.mark.parametrize("with_x2", [True, False], ids=["x2", "no_x2"])
-@pytest.mark.parametrize("method", ["structured", "jacobian", "ntk_vp"])
+def _while_grid():
+  """methods x x2 x trace x batch independence; the default tier covers each method,
+  each choice of x2, trace and independence, and each method with both traces."""
+  return tiers.representative(
+      [pytest.param(method, with_x2, trace, independent,
+                    id=f"{method}-{'x2' if with_x2 else 'no_x2'}-"
+                       f"{'traced' if trace else 'full'}-"
+                       f"{'per_example' if independent else 'inferred'}")
+       for method in ["structured", "jacobian", "ntk_vp"] for with_x2 in (True, False)
+       for trace in [(-1,), ()] for independent in (None, True)],
+      lambda method, with_x2, trace, independent: [
+          (method, trace), ("x2", with_x2), ("independent", independent)])
+
+
+@pytest.mark.parametrize("method, with_x2, trace, independent", _while_grid())
 def test_ntk_of_while_model_matches_oracle(method, with_x2, trace, independent):
   params, x1, x2 = _draw(1, 3, 2)
   x2 = x2 if with_x2 else None

@@ -1,15 +1,23 @@
-"""Every method against the float64 brute-force oracle, over the model zoo and the axes grid."""
+"""Every method against the float64 brute-force oracle, over the model zoo and the axes grid.
+
+The default tier runs covering subsets of the grids (tests/tiers.py): every model, method
+and axes layout, each method with every trace / diagonal choice and both x2 modes; the
+full tier (NTK_FULL_TESTS=1) runs all of them."""
 
 import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
 import ntk_compiler as nc
+import oracle
 from models import ZOO, mlp
 from oracle import assert_matches, oracle_ntk
+import tiers
+from tiers import representative
 
 RTOL_F64 = 1e-10
 RTOL_F32 = 1e-4  # float32 rounding of O(100)-term sums of O(1) products
@@ -23,8 +31,17 @@ def _grid():
   for model in ZOO:
     for trace in TRACE[model.out_ndim]:
       for diag in DIAGONAL:
-        if not set(a % model.out_ndim for a in trace) & set(diag):
-          yield pytest.param(model, trace, diag, id=f"{model.name}-t{trace}-d{diag}")
+        if set(a % model.out_ndim for a in trace) & set(diag):
+          continue
+        for method in METHODS:
+          for with_x2 in (True, False):
+            yield pytest.param(model, trace, diag, method, with_x2, id=(
+                f"{model.name}-t{trace}-d{diag}-{method}-{'x2' if with_x2 else 'no_x2'}"))
+
+
+def _features(model, trace, diag, method, with_x2):
+  return [("model", model.name), ("axes", model.out_ndim, trace, diag), ("method", method),
+          ("x2", method, with_x2)]
 
 
 @functools.lru_cache(maxsize=8)  # bounded: every live NTK function keeps its programs
@@ -32,6 +49,32 @@ def _compiled(model, method, trace, diag, batch_independent):
   """One NTK function per configuration, so hypothesis' draws reuse its compilations."""
   return nc.compile_ntk(model.f, method=method, trace_axes=trace, diagonal_axes=diag,
                         batch_independent=batch_independent)
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted(f):
+  return jax.jit(f)
+
+
+@functools.lru_cache(maxsize=64)
+def _full_kernel(model, seed, n1, n2, with_x2, dtype):
+  """The oracle's full kernels of one draw, shared by every axes layout and method.
+
+  f is jitted only so that draws of one shape reuse a compiled Jacobian; the oracle still
+  takes full Jacobians of f by reverse mode and contracts them."""
+  params, x1, x2 = model.draw(seed, n1, n2, dtype)
+  return oracle.full_kernel(_jitted(model.f), params, x1, x2 if with_x2 else None)
+
+
+def _expected(model, seed, n1, n2, with_x2, trace, diag, dtype):
+  """`oracle.oracle_ntk`, from the cached full kernels."""
+  fulls, tree = _full_kernel(model, seed, n1, n2, with_x2, dtype)
+  kernels = []
+  for full in fulls:
+    ndim = full.ndim // 2
+    kernels.append(oracle.apply_layout(full, full.shape[:ndim], full.shape[ndim:],
+                                       trace, diag))
+  return tree.unflatten(kernels)
 
 
 def _check(model, method, trace, diag, seed, n1, n2, with_x2, batch_independent,
@@ -42,21 +85,29 @@ def _check(model, method, trace, diag, seed, n1, n2, with_x2, batch_independent,
   x2 = x2 if with_x2 else None
   ntk_fn = _compiled(model, method, trace, diag, batch_independent)
   kernel = ntk_fn(params, x1, x2)
-  expected = oracle_ntk(model.f, params, x1, x2, trace, diag)
+  expected = _expected(model, seed, n1, n2, with_x2, trace, diag, dtype)
   assert_matches(kernel, expected, rtol)
 
 
-@pytest.mark.parametrize("with_x2", [True, False], ids=["x2", "no_x2"])
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("model, trace, diag", list(_grid()))
+@pytest.mark.parametrize("model, trace, diag, method, with_x2",
+                         representative(_grid(), _features))
+@tiers.examples(2)
 @given(seed=st.integers(0, 2**16), independent=st.booleans())
 def test_matches_oracle_float64(model, trace, diag, method, with_x2, seed, independent):
   _check(model, method, trace, diag, seed, 3, 2, with_x2,
          batch_independent=independent and model.batch_independent)
 
 
-@pytest.mark.parametrize("method", METHODS + ["structured", "auto"])
-@pytest.mark.parametrize("model", ZOO, ids=lambda m: m.name)
+def _models_and_methods(features):
+  """Every model with every method; the default tier a subset that covers `features`."""
+  return representative(
+      [pytest.param(model, method, id=f"{model.name}-{method}")
+       for model in ZOO for method in METHODS + ["structured", "auto"]], features)
+
+
+@pytest.mark.parametrize("model, method", _models_and_methods(
+    lambda model, method: [("model", model.name), ("method", method)]))
+@tiers.examples(2)
 @given(seed=st.integers(0, 2**16), n1=st.sampled_from([1, 2, 4]),
        n2=st.sampled_from([1, 3]), with_x2=st.booleans())
 def test_matches_oracle_batch_sizes(model, method, seed, n1, n2, with_x2):
@@ -64,8 +115,9 @@ def test_matches_oracle_batch_sizes(model, method, seed, n1, n2, with_x2):
          batch_independent=model.batch_independent)
 
 
-@pytest.mark.parametrize("method", METHODS + ["structured", "auto"])
-@pytest.mark.parametrize("model", ZOO, ids=lambda m: m.name)
+@pytest.mark.parametrize("model, method", _models_and_methods(
+    lambda model, method: [method]))
+@tiers.examples(2)
 @given(seed=st.integers(0, 2**16), with_x2=st.booleans())
 def test_matches_oracle_float32(model, method, seed, with_x2):
   _check(model, method, (-1,), (), seed, 3, 2, with_x2,

@@ -12,11 +12,12 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 from jax import lax
 
 import ntk_compiler as nc
 import oracle
+import tiers
 
 RTOL_F64 = 1e-10
 # A float32 cast rounds the oracle's reverse-mode cotangent at the cast weight to float32
@@ -141,7 +142,7 @@ def _params(key, shapes):
 LAYOUTS = [((), ()), ((-1,), ()), ((), (0,)), ((0, 1), ()), ((), (1,))]
 
 
-@settings(max_examples=20)
+@tiers.examples(5, 20)
 @given(program=programs(), seed=st.integers(0, 2**16), layout=st.sampled_from(LAYOUTS),
        independent=st.booleans())
 def test_random_program_matches_oracle(program, seed, layout, independent):

@@ -13,6 +13,7 @@ from ntk_compiler.check import check_rule
 from ntk_compiler.rules import EqnInfo
 from ntk_compiler.rules import elementwise as ew
 from ntk_compiler.structure import Structure
+import tiers
 from rule_helpers import check as _check, rule_result as _rule_result, normal as _normal
 
 SHAPES = st.sampled_from([(3,), (2, 3), (2, 1, 4)])
@@ -46,10 +47,13 @@ def test_registered():
     assert rules._DEFAULT[prim] is rule, prim
 
 
-@pytest.mark.parametrize("name,argnum", [
-    ("mul", 0), ("mul", 1), ("div", 0), ("add", 0), ("add", 1), ("sub", 0), ("sub", 1)])
-@pytest.mark.parametrize("layout", ["same", "other_scalar", "w_scalar", "scalars",
-                                    "w_bcast", "other_bcast"])
+# The default tier: each (primitive, operand) and each layout once; the full tier all.
+@pytest.mark.parametrize("name,argnum,layout", tiers.representative(
+    [(name, argnum, layout)
+     for name, argnum in [("mul", 0), ("mul", 1), ("div", 0), ("add", 0), ("add", 1),
+                          ("sub", 0), ("sub", 1)]
+     for layout in ["same", "other_scalar", "w_scalar", "scalars", "w_bcast", "other_bcast"]],
+    lambda name, argnum, layout: [(name, argnum), layout]))
 @given(shape=SHAPES, seed=SEEDS)
 def test_binary(name, argnum, layout, shape, seed):
   prim, fn = BINARY[name]

@@ -11,6 +11,7 @@ from jax import lax
 
 import ntk_compiler as nc
 import oracle
+import tiers
 from ntk_compiler import rules
 from ntk_compiler.rules import selection as sel
 from ntk_compiler.structure import Structure
@@ -101,8 +102,11 @@ def _cases():
 CASES = list(_cases())
 
 
-@pytest.mark.parametrize("name, prim, fn, args, argnum, expected", CASES,
-                         ids=[c[0] for c in CASES])
+# The default tier: each primitive with each operand it is checked for; the full tier
+# every case.
+@pytest.mark.parametrize("name, prim, fn, args, argnum, expected", tiers.representative(
+    [pytest.param(*c, id=c[0]) for c in CASES],
+    lambda name, prim, fn, args, argnum, expected: [(prim, argnum)]))
 @given(seed=SEEDS)
 def test_selection_rule(name, prim, fn, args, argnum, expected, seed):
   check = nc.check_rule(prim, fn, *args(seed), argnum=argnum)

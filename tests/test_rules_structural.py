@@ -12,6 +12,7 @@ from ntk_compiler.check import check_rule
 from ntk_compiler.rules import EqnInfo
 from ntk_compiler.rules import structural as sr
 from ntk_compiler.structure import Structure
+import tiers
 from rule_helpers import check as _check, rule_result as _rule_result, normal as _normal
 
 SEEDS = st.integers(0, 2**16)
@@ -125,7 +126,14 @@ PAD_CONFIGS = [
     ((1, 0, 1), (0, 0, 0), (-1, 2, 0))]
 
 
-@pytest.mark.parametrize("config", PAD_CONFIGS)
+# The default tier: interior, negative and edge padding each once; the full tier all.
+PAD_TIERED = tiers.representative(
+    [pytest.param(c, id=str(c)) for c in PAD_CONFIGS],
+    lambda config: {"interior" if any(c[2] for c in config) else "no_interior",
+                    "negative" if any(min(c[:2]) < 0 for c in config) else "no_negative"})
+
+
+@pytest.mark.parametrize("config", PAD_TIERED)
 @given(data=st.data(), seed=SEEDS)
 def test_pad_operand(config, data, seed):
   w = _normal(seed, _sizes(data, len(config)))
@@ -135,7 +143,7 @@ def test_pad_operand(config, data, seed):
   assert check.structure == Structure(trace=kept)
 
 
-@pytest.mark.parametrize("config", PAD_CONFIGS)
+@pytest.mark.parametrize("config", PAD_TIERED)
 @given(data=st.data(), seed=SEEDS)
 def test_pad_value(config, data, seed):
   w = _normal(seed, _sizes(data, len(config)))

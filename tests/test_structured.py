@@ -18,6 +18,7 @@ import models_selection
 import ntk_compiler as nc
 import oracle
 from models import mlp
+import tiers
 
 RTOL_F64 = 1e-10
 RTOL_F32 = 1e-4  # as test_methods.py: float32 rounding of O(100)-term sums
@@ -31,13 +32,16 @@ assert len(BY_NAME) == len(ALL), "model names must be unique"
 TRACE = {2: [(), (-1,), (0, 1)], 3: [(), (-1,), (1, 2)]}
 DIAGONAL = [(), (1,), (0,)]
 
-# Every model runs every layout once, with x2 given and omitted alternating along the
-# layouts and from one model to the next: each model sees both, and each (layout, x2)
-# pair occurs across the models. The two transformers (one code path, several seconds per
-# compilation) split the layouts between them. That keeps this file to a few minutes;
-# HYPOTHESIS_PROFILE=thorough runs the whole product.
-FULL_GRID = os.environ.get("HYPOTHESIS_PROFILE") == "thorough"
+# Tiers (tests/tiers.py). The full tier runs every model in every layout once, with x2
+# given and omitted alternating along the layouts and from one model to the next: each
+# model sees both, and each (layout, x2) pair occurs across the models; the two
+# transformers (one code path, several seconds per compilation) split the layouts between
+# them. HYPOTHESIS_PROFILE=thorough runs the whole product. The default tier runs a subset
+# that touches every primitive of the zoo, every layout and both x2 modes, cheap models
+# first.
+THOROUGH = os.environ.get("HYPOTHESIS_PROFILE") == "thorough"
 SPLIT_LAYOUTS = {"transformer_1head": 0, "transformer_2head_causal": 1}
+SLOW = {"transformer_1head": 6, "transformer_2head_causal": 6, "resnet_block": 4, "cnn": 4}
 
 # Cases that expose an engine bug: (model, trace, diagonal, with_x2) -> reason.
 KNOWN_BUGS = {}
@@ -53,16 +57,26 @@ def _axes(model):
 def _grid():
   for index, model in enumerate(ALL):
     layouts = list(_axes(model))
-    if not FULL_GRID and model.name in SPLIT_LAYOUTS:
+    if not THOROUGH and model.name in SPLIT_LAYOUTS:
       layouts = layouts[SPLIT_LAYOUTS[model.name]::2]
     for k, (trace, diag) in enumerate(layouts):
       for with_x2 in (True, False):
-        if not (FULL_GRID or (k + index) % 2 == with_x2):
+        if not (THOROUGH or (k + index) % 2 == with_x2):
           continue
         reason = KNOWN_BUGS.get((model.name, trace, diag, with_x2))
         marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
         yield pytest.param(model, trace, diag, with_x2, marks=marks,
                            id=f"{model.name}-t{trace}-d{diag}-{'x2' if with_x2 else 'no_x2'}")
+
+
+def _features(model, trace, diag, with_x2):
+  return ([("primitive", name) for name in tiers.primitives(model)] +
+          [("axes", model.out_ndim, trace, diag), ("x2", with_x2),
+           ("batch_independent", model.batch_independent)])
+
+
+def _cost(model, trace, diag, with_x2):
+  return SLOW.get(model.name, 1)
 
 
 @functools.lru_cache(maxsize=8)
@@ -117,7 +131,9 @@ def _check(model, trace, diag, seed, n1, n2, with_x2, batch_independent,
 
 # ------------------------------------------------------------------- against the oracle
 
-@pytest.mark.parametrize("model, trace, diag, with_x2", list(_grid()))
+@pytest.mark.parametrize("model, trace, diag, with_x2",
+                         tiers.representative(_grid(), _features, _cost))
+@tiers.examples(2)
 @given(seed=st.integers(0, 2**16), independent=st.booleans())
 def test_matches_oracle(model, trace, diag, with_x2, seed, independent):
   _check(model, trace, diag, seed, 3, 2, with_x2,
@@ -128,7 +144,13 @@ FLOAT32 = ["mlp_tanh", "cnn", "sequence", "multi_output", "conv_depthwise", "avg
            "tied", "lora", "einsum_layers", "cast_bfloat16", "embedding_mlp", "gru_like"]
 
 
-@pytest.mark.parametrize("model", [BY_NAME[n] for n in FLOAT32], ids=lambda m: m.name)
+FLOAT32_DEFAULT_TIER = {"mlp_tanh", "cast_bfloat16", "embedding_mlp"}
+
+
+@pytest.mark.parametrize("model", tiers.representative(
+    [BY_NAME[n] for n in FLOAT32], lambda m: {m.name} & FLOAT32_DEFAULT_TIER),
+    ids=lambda m: m.name)
+@tiers.examples(2)
 @given(seed=st.integers(0, 2**16), with_x2=st.booleans())
 def test_matches_oracle_float32(model, seed, with_x2):
   _check(model, (-1,), (), seed, 3, 2, with_x2, model.batch_independent,
@@ -227,7 +249,7 @@ def test_indirect_weights_have_no_dense_fallback(name):
       assert all("dot_general" in _factor_rules(u) for u in leaf.uses), leaf
 
 
-@pytest.mark.parametrize("name, leaves", [
+@pytest.mark.parametrize("name, leaves", tiers.representative([
     ("cnn", ["['c1']", "['c2']"]),
     ("conv_strided_same", ["['c']"]),
     ("conv_explicit_padding", ["['c1']", "['c2']"]),
@@ -238,7 +260,8 @@ def test_indirect_weights_have_no_dense_fallback(name):
     ("conv1d_sequence", ["['c']"]),
     ("conv_transpose", ["['c']", "['c2']"]),
     ("resnet_block", ["['c1']", "['c2']"]),
-])
+], lambda name, leaves: {name} & {"cnn", "conv_grouped", "conv_transpose",
+                                   "resnet_block"}))
 def test_conv_kernels_have_a_conv_factor(name, leaves):
   model = BY_NAME[name]
   params, x, _ = model.draw(0, 3, 2, jnp.float64)
@@ -356,10 +379,12 @@ def test_strict_accepts_nonlinear_stops_and_structured_models():
                         oracle.oracle_ntk(model.f, params, x1, x2, ()), RTOL_F64)
 
 
-@pytest.mark.parametrize("name, prim", [("mlp_tanh", lax.dot_general_p),
-                                        ("cnn", lax.conv_general_dilated_p),
-                                        ("transformed_weights", lax.transpose_p)])
-@pytest.mark.parametrize("with_x2", [True, False], ids=["x2", "no_x2"])
+@pytest.mark.parametrize("name, prim, with_x2", tiers.representative(
+    [pytest.param(name, prim, with_x2, id=f"{name}-{'x2' if with_x2 else 'no_x2'}")
+     for name, prim in [("mlp_tanh", lax.dot_general_p), ("cnn", lax.conv_general_dilated_p),
+                        ("transformed_weights", lax.transpose_p)]
+     for with_x2 in (True, False)],
+    lambda name, prim, with_x2: [name, with_x2]))
 def test_rule_switched_off_falls_back_exactly(name, prim, with_x2):
   model = BY_NAME[name]
   params, x1, x2 = model.draw(0, 3, 2, jnp.float64)
