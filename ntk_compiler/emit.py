@@ -260,7 +260,7 @@ def contract_leaf(plan1: Plan, plan2: Plan, leaf: int, side1: Side, side2: Side,
   otherwise each side's uses are materialised as ct·∂y/∂w and summed first.
   """
   uses1, uses2 = plan1.uses_of(leaf), plan2.uses_of(leaf)
-  if not uses1 and not uses2:
+  if not uses1 or not uses2:  # f does not depend on the leaf on one side: no term
     return None
   bases = {u.view.base for u in uses1 + uses2}
   if materialize or len(bases) > 1 or len(uses1) != len(uses2):
