@@ -47,8 +47,9 @@ def conv_gap(p, x):  # SAME conv, global average pool: any image size
 @pytest.mark.parametrize("f, params, x1, x2", [
     (bag, {"w": _normal((2, 6), 1), "v": _normal((6, 3), 2)},
      _normal((4, 5, 2), 3), _normal((3, 1, 2), 4)),
-    (bag, {"w": _normal((2, 6), 1), "v": _normal((6, 3), 2)},
-     _normal((2, 3, 2), 3), _normal((3, 4, 2), 4)),  # shapes that do not broadcast
+    pytest.param(bag, {"w": _normal((2, 6), 1), "v": _normal((6, 3), 2)},
+                 _normal((2, 3, 2), 3), _normal((3, 4, 2), 4),  # do not broadcast
+                 marks=full),
     (embeddings, {"E": _normal((11, 4), 5), "v": _normal((4, 3), 6)},
      jnp.array([[1, 2, 3, 4, 5], [0, 7, 7, 2, 1]]), jnp.array([[3], [10], [1]])),
     (conv_gap, {"k": _normal((3, 3, 2, 4), 7), "v": _normal((4, 3), 8)},
@@ -107,7 +108,8 @@ def test_traced_axis_of_size_zero_is_an_error():
 @pytest.mark.parametrize("f", [
     lambda p, x: mlp(p, x) + jnp.sum(p["z"]),
     lambda p, x: mlp(p, x) + jnp.flip(p["z"], 0).sum(0)[:2],
-    lambda p, x: jnp.concatenate([mlp(p, x), jnp.flip(x[:, :0] @ p["z"], 1)], 1),
+    pytest.param(lambda p, x: jnp.concatenate(
+        [mlp(p, x), jnp.flip(x[:, :0] @ p["z"], 1)], 1), marks=full),
 ], ids=["sum", "flip", "flip-mid"])
 def test_zero_sized_parameter_leaves(f):
   params = {**MLP, "z": jnp.ones((0, 3))}
@@ -135,7 +137,7 @@ def test_scalar_outputs_with_the_default_trace_axes():
   _check(f, MLP, _normal((3, 3), 3), trace_axes=(0,))  # named as 0: traced on purpose
 
 
-@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+@pytest.mark.parametrize("dtype", [jnp.float16, pytest.param(jnp.bfloat16, marks=full)])
 @pytest.mark.parametrize("n", [pytest.param(1, marks=full), 3, pytest.param(40, marks=full)])
 def test_half_precision_models_give_float32_kernels(dtype, n):
   params = jax.tree_util.tree_map(lambda a: (a / 2).astype(dtype), MLP)
@@ -195,7 +197,8 @@ def test_rule_returning_something_else_is_named():
     ntk_fn(MLP, jnp.ones((2, 3)))
 
 
-@pytest.mark.parametrize("axes", [np.int64(-1), jnp.array(-1), (np.int64(-1),),
+@pytest.mark.parametrize("axes", [np.int64(-1), pytest.param(jnp.array(-1), marks=full),
+                                  pytest.param((np.int64(-1),), marks=full),
                                   np.array([-1])])
 def test_numpy_integer_axes(axes):
   kernel = nc.compile_ntk(mlp, trace_axes=axes)(MLP, jnp.ones((2, 3)))

@@ -15,6 +15,7 @@ from ntk_compiler import rules
 from ntk_compiler.rules import RuleResult, elementwise
 from ntk_compiler.structure import Structure
 from oracle import assert_matches, oracle_ntk
+from tiers import full
 
 
 def normal(seed, shape, dtype=jnp.float64):
@@ -60,7 +61,8 @@ def traced_mul(eqn, operand):
 # ---------------------------------------------------------------------------------
 # validate=True and verify().
 
-@pytest.mark.parametrize("method", ["structured", "jacobian", "ntk_vp"])
+@pytest.mark.parametrize("method", ["structured", pytest.param("jacobian", marks=full),
+                                    pytest.param("ntk_vp", marks=full)])
 def test_right_kernel_passes(method):
   ntk_fn = nc.compile_ntk(mlp, method=method, validate=True)
   assert_matches(ntk_fn(P, X1, X2), oracle_ntk(mlp, P, X1, X2), 1e-10)
@@ -118,7 +120,8 @@ def test_right_user_rule_passes_and_builtin_rules_are_not_rechecked():
 
 
 @pytest.mark.parametrize("trace_axes,diagonal_axes", [
-    ((), ()), ((-1,), ()), ((), (-1,)), ((0,), ()), ((), (0,)), ((0, 1), ())])
+    ((), ()), pytest.param((-1,), (), marks=full), pytest.param((), (-1,), marks=full),
+    pytest.param((0,), (), marks=full), ((), (0,)), pytest.param((0, 1), (), marks=full)])
 def test_wrong_kernel_caught_in_every_layout(trace_axes, diagonal_axes):
   """A kernel corrupted after the fact (an upstream bug's stand-in) is caught, with
   traced and diagonal axes, including the batch axis."""
