@@ -586,10 +586,10 @@ def _scan_rnn(b: _Builder):
   reverse = b.pick([False, True])
 
   def fn(p, h, ins):
-    def step(c, xt):
-      c = jnp.tanh(xt @ w(p) + c @ u(p))
+    def step(c, xt):  # (the carry keeps its dtype: float32 weights may promote)
+      c = jnp.tanh(xt @ w(p) + c @ u(p)).astype(c.dtype)
       return c, c
-    init = jnp.zeros((h.shape[0], hidden), h.dtype)
+    init = jnp.zeros((h.shape[0], hidden), jnp.result_type(h, w(p), u(p)))
     _, ys = lax.scan(step, init, jnp.moveaxis(h, 1, 0), reverse=reverse)
     return jnp.moveaxis(ys, 0, 1)
   b.emit(f"h = scan over axis 1 (reverse={reverse}): c = tanh(h_t @ {tw} + c @ {tu})",
@@ -603,7 +603,7 @@ def _scan_layers(b: _Builder):
 
   def fn(p, h, ins):
     def layer(h, wb):
-      return jnp.tanh(h @ wb[0] + wb[1]), None
+      return jnp.tanh(h @ wb[0] + wb[1]).astype(h.dtype), None
     return lax.scan(layer, h, (w(p), bias(p)))[0]
   b.emit(f"h = scan over layers: h = tanh(h @ {tw}[l] + {tb}[l])", fn)
 
@@ -613,7 +613,7 @@ def _fori(b: _Builder):
   text, w = b.weight((f, f))
   b.emit(f"h = fori_loop(0, 2, h = tanh(h @ {text}) + 0.5 * h)",
          lambda p, h, ins: lax.fori_loop(
-             0, 2, lambda i, h: jnp.tanh(h @ w(p)) + 0.5 * h, h))
+             0, 2, lambda i, h: (jnp.tanh(h @ w(p)) + 0.5 * h).astype(h.dtype), h))
 
 
 def _cond(b: _Builder):
@@ -622,8 +622,9 @@ def _cond(b: _Builder):
   t2, w2 = b.weight((f, out))
   kinds = ["literal", "param", "example"] + (["batch"] if b.mixing else [])
   kind, literal = b.pick(kinds), b.pick([True, False])
-  first = lambda p, h: jnp.tanh(h @ w1(p))
-  second = lambda p, h: (h @ w2(p)) * 2
+  dtype = lambda p, h: jnp.result_type(h, w1(p), w2(p))  # branches agree on it
+  first = lambda p, h: jnp.tanh(h @ w1(p)).astype(dtype(p, h))
+  second = lambda p, h: ((h @ w2(p)) * 2).astype(dtype(p, h))
   line = f"cond[{kind}](tanh(h @ {t1}), (h @ {t2}) * 2)"
   if kind == "example":
     def fn(p, h, ins):
@@ -650,8 +651,9 @@ def _switch(b: _Builder):
 
   def fn(p, h, ins):
     index = _example_index(ins, 3)
+    dtype = jnp.result_type(h, w1(p), w2(p))  # branches agree on it
     return jax.vmap(lambda i, hn: lax.switch(
-        i, [lambda v, g=g: g(p, v) for g in branches], hn))(index, h)
+        i, [lambda v, g=g: g(p, v).astype(dtype) for g in branches], hn))(index, h)
   b.emit(f"h[n] = switch(index(x[n]), tanh(h @ {t1}), 2 sin(h @ {t2}), "
          f"h @ {t1} + h @ {t2})", fn, b.feat[:-1] + [(out, out)])
 
