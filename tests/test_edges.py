@@ -50,8 +50,9 @@ def conv_gap(p, x):  # SAME conv, global average pool: any image size
     pytest.param(bag, {"w": _normal((2, 6), 1), "v": _normal((6, 3), 2)},
                  _normal((2, 3, 2), 3), _normal((3, 4, 2), 4),  # do not broadcast
                  marks=full),
-    (embeddings, {"E": _normal((11, 4), 5), "v": _normal((4, 3), 6)},
-     jnp.array([[1, 2, 3, 4, 5], [0, 7, 7, 2, 1]]), jnp.array([[3], [10], [1]])),
+    pytest.param(embeddings, {"E": _normal((11, 4), 5), "v": _normal((4, 3), 6)},
+                 jnp.array([[1, 2, 3, 4, 5], [0, 7, 7, 2, 1]]),
+                 jnp.array([[3], [10], [1]]), marks=full),
     (conv_gap, {"k": _normal((3, 3, 2, 4), 7), "v": _normal((4, 3), 8)},
      _normal((2, 5, 5, 2), 9), _normal((3, 1, 1, 2), 10)),
 ], ids=["bag-5-vs-1", "bag-3-vs-4", "embeddings-5-vs-1", "conv-5x5-vs-1x1"])
@@ -93,6 +94,7 @@ def test_no_examples_explain():
   assert "method" in text
 
 
+@full
 def test_output_with_a_zero_sized_axis():
   f = lambda p, x: {"empty": jnp.tanh(x @ p["w"]) @ p["z"], "full": mlp(p, x)}
   params = {**MLP, "z": jnp.ones((4, 0))}

@@ -72,6 +72,7 @@ def test_embedding_of_empty_and_nonempty_token_lists(lengths):
   _assert_exact(f, params, x1, x2)
 
 
+@full
 def test_max_after_a_batch_mean_under_jit():
   """JAX 0.10.2's XLA differentiates this f wrongly under jit (jacrev(jit(f)) differs from
   jacrev(f) and jacfwd(f) by ~0.5 in the max reduction's cotangent; JAX 0.12 is right).

@@ -330,6 +330,7 @@ def test_a_vmap_of_vjp_bug_is_caught(monkeypatch):
     ntk_fn(p, x)
 
 
+@full
 def test_user_rule_inside_a_scan_checked_at_its_first_step():
   from ntk_compiler.rules import linear
   p = {"w": normal(7, (2 + H, 3 * H)) / 2, "v": normal(8, (H, 2))}
