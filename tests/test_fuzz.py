@@ -43,7 +43,7 @@ def _check(program):
   assert not failures, f"{program!r}\n" + "\n".join(failures)
 
 
-@settings(max_examples=4, derandomize=True, **_QUIET)
+@settings(max_examples=3, derandomize=True, **_QUIET)
 @given(program=fuzz_programs.programs(max_ops=3))
 def test_fuzz_quick(program):
   _check(program)
