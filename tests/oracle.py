@@ -67,6 +67,11 @@ def apply_layout(full, shape1, shape2, trace_axes, diagonal_axes):
 def oracle_ntk(f, params, x1, x2=None, trace_axes=(-1,), diagonal_axes=(), mode="rev"):
   """Θ(x1, x2) by brute force, as a pytree of float64 numpy arrays."""
   fulls, tree = full_kernel(f, params, x1, x2, mode)
+  return apply_layouts(fulls, tree, trace_axes, diagonal_axes)
+
+
+def apply_layouts(fulls, tree, trace_axes, diagonal_axes):
+  """`apply_layout` on every full kernel of `full_kernel`, as the output pytree."""
   kernels = []
   for full in fulls:
     ndim = full.ndim // 2

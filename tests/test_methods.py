@@ -69,12 +69,7 @@ def _full_kernel(model, seed, n1, n2, with_x2, dtype):
 def _expected(model, seed, n1, n2, with_x2, trace, diag, dtype):
   """`oracle.oracle_ntk`, from the cached full kernels."""
   fulls, tree = _full_kernel(model, seed, n1, n2, with_x2, dtype)
-  kernels = []
-  for full in fulls:
-    ndim = full.ndim // 2
-    kernels.append(oracle.apply_layout(full, full.shape[:ndim], full.shape[ndim:],
-                                       trace, diag))
-  return tree.unflatten(kernels)
+  return oracle.apply_layouts(fulls, tree, trace, diag)
 
 
 def _check(model, method, trace, diag, seed, n1, n2, with_x2, batch_independent,
