@@ -30,6 +30,7 @@ import numpy as np
 
 from ntk_compiler import check as check_lib
 from ntk_compiler import compat
+from ntk_compiler import planner
 from ntk_compiler import rules as rules_lib
 
 Path = tuple
@@ -152,7 +153,7 @@ def validate_once(ntk_fn, params, x1, x2, kernel) -> None:
 def verify(ntk_fn, params, x1, x2, kernel, seed: int = 0) -> Verification:
   """Checks the user rules `ntk_fn` uses at these arguments, and its `kernel` there."""
   refuse_tracers("NTKFunction.verify", params, x1, x2)
-  plan = ntk_fn._plan(params, x1, x2)
+  plan = planner.plan(ntk_fn, params, x1, x2)
   reports = []
   if plan.method == "structured" and plan.kept:
     for engine, x in ((plan.engine, x1), (plan.engine2, x2)):

@@ -1,0 +1,312 @@
+"""The planner: what an NTK function computes for one signature of its arguments.
+
+`plan()` checks the arguments, decides the batch facts, builds the structured-derivatives
+plan of each side and chooses the method from the cost model (ntk_compiler/cost.py). The
+order is api -> planner -> (analysis, batching, cost).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from ntk_compiler import analysis, batching, compat, cost, trace
+from ntk_compiler import axes as axes_lib
+from ntk_compiler.methods import Problem
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What an NTK function decided for one input signature.
+
+  Attributes:
+    method: the method that computes the kernel ("auto" resolved).
+    problem: f, its arguments and the layout of each output leaf's kernel.
+    engine: the structured-derivatives plan (uses, cuts, factors), when one was built.
+    engine2: the plan at x2's signature when it differs from x1's (per example: past
+      the batch axis), so each side runs the program of its own signature.
+  """
+  method: str
+  problem: Problem
+  engine: analysis.Plan | None = None
+  engine2: analysis.Plan | None = None
+  estimate: Estimate | None = None
+  reason: str = ""
+  batch: batching.Decision | None = None
+  outputs: tuple[Output, ...] = ()
+  kept: tuple[int, ...] = ()
+  out_tree: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Output:
+  """One output leaf of f: its kernel's layout, both sides' shapes and the kernel dtype."""
+  layout: axes_lib.Layout
+  shape1: tuple[int, ...]
+  shape2: tuple[int, ...]
+  dtype: Any
+  where: str
+
+  @property
+  def nonempty(self) -> bool:
+    """Whether the kernel has entries; raises if they would be means over nothing."""
+    if not _prod(self.layout.kernel_shape(self.shape1, self.shape2)):
+      return False
+    if not self.layout.trace_size(self.shape1):
+      empty = [a for a in self.layout.trace if not self.shape1[a]]
+      raise ValueError(
+          f"{self.where}: traced axis {empty[0]} has size 0 (output shape {self.shape1}), "
+          "so each kernel entry would be a mean over no entries. Leave that axis out of "
+          "trace_axes.")
+    return True
+
+
+def kernel_dtype(*dtypes):
+  """The kernel's dtype: the outputs' dtype, at least float32 (float16 / bfloat16
+  models get a float32 kernel, accumulated in float32; float64 stays float64)."""
+  return jnp.promote_types(jnp.result_type(*dtypes), jnp.float32)
+
+
+def _select_outputs(f, kept: tuple[int, ...]):
+  """f returning only the output leaves `kept`, as a list."""
+  def selected(params, x):
+    leaves = jax.tree_util.tree_leaves(f(params, x))
+    return [leaves[i] for i in kept]
+  return selected
+
+
+def plan(ntk_fn, params, x1, x2) -> Plan:
+  """Everything `ntk_fn` decides for these arguments' signature."""
+  _check_params(params)
+  n1 = _check_inputs(x1, "x1")
+  n2 = n1
+  if x2 is not None:
+    n2 = _check_inputs(x2, "x2")
+    if jax.tree_util.tree_structure(x1) != jax.tree_util.tree_structure(x2):
+      raise ValueError(
+          "x1 and x2 must have the same pytree structure, got "
+          f"{jax.tree_util.tree_structure(x1)} and {jax.tree_util.tree_structure(x2)}.")
+  out1 = _output_shapes(ntk_fn.f, params, x1, "x1")
+  out2 = out1 if x2 is None else _output_shapes(ntk_fn.f, params, x2, "x2")
+  leaves1, out_tree = jax.tree_util.tree_flatten(out1)
+  leaves2, tree2 = jax.tree_util.tree_flatten(out2)
+  if tree2 != out_tree:
+    raise ValueError(
+        f"f(params, x1) and f(params, x2) return different pytrees: {out_tree} and "
+        f"{tree2}.")
+  for name, n, leaves, out in (("x1", n1, leaves1, out1), ("x2", n2, leaves2, out2)):
+    for path, leaf in zip(paths(out), leaves):
+      if leaf.shape[0] != n:
+        raise ValueError(
+            f"f(params, {name}){path} has shape {leaf.shape}: it does not keep the "
+            f"batch of {n} examples on axis 0 (the size of axis 0 of every leaf of "
+            f"{name}). Inputs and outputs carry the batch on axis 0: for a single "
+            "example x, pass x[None].")
+  batch = batch_decision(ntk_fn, params, x1, n1)
+  if x2 is not None and batch.independent and not _same_signature(x1, x2):
+    # x2's program may differ (other per-example shapes, another batch size): it
+    # needs its own proof, and the per-example path is taken only if both sides have one.
+    batch2 = batch_decision(ntk_fn, params, x2, n2)
+    if not batch2.independent:
+      batch = batching.Decision(False, f"x2: {batch2.reason}")
+  outputs = []
+  for path, l1, l2 in zip(paths(out1), leaves1, leaves2):
+    where = f"output leaf {path}" if path else "output"
+    layout = axes_lib.Layout.make(ntk_fn.trace_axes, ntk_fn.diagonal_axes, l1.shape)
+    layout.check_compatible(l1.shape, l2.shape, where)
+    outputs.append(Output(layout, l1.shape, l2.shape, kernel_dtype(l1.dtype, l2.dtype),
+                          where))
+  # Leaves whose kernel has no entries are not computed (N = 0, a 0-sized axis).
+  kept = tuple(i for i, o in enumerate(outputs) if o.nonempty)
+  f = ntk_fn.f if len(kept) == len(outputs) else _select_outputs(ntk_fn.f, kept)
+  live = [outputs[i] for i in kept]
+  problem = Problem(
+      f=f, params=params, x1=x1, x2=x2,
+      out_tree=out_tree if f is ntk_fn.f else jax.tree_util.tree_structure(list(kept)),
+      shapes1=tuple(o.shape1 for o in live), shapes2=tuple(o.shape2 for o in live),
+      layouts=tuple(o.layout for o in live), batch_independent=batch.independent)
+  differentiable = bool(live and jax.tree_util.tree_leaves(params))
+  engine = engine2 = None
+  if ntk_fn.method in ("structured", "auto") and differentiable:
+    engine = engine_plan(ntk_fn, f, params, x1, batch.independent)
+    if x2 is not None and not _same_signature(x1, x2, per_example=batch.independent):
+      engine2 = engine_plan(ntk_fn, f, params, x2, batch.independent)
+  estimate = _estimate(problem, engine, engine2)
+  forward_ok = True
+  if ntk_fn.method in ("ntk_vp", "auto") and differentiable:
+    jaxpr = (engine.jaxpr if engine is not None else
+             trace.trace_program(f, params, x1, per_example=False).jaxpr)
+    forward_ok = not _calls_custom_vjp(jaxpr)
+  if ntk_fn.method == "ntk_vp" and not forward_ok:
+    raise NotImplementedError(
+        "method='ntk_vp' differentiates f in forward mode (jax.linearize), which JAX "
+        "does not support through custom_vjp functions, and f calls one. Use "
+        "method='structured', 'jacobian' or 'auto'.")
+  if ntk_fn.method == "auto":
+    candidates = {m: c for m, c in estimate.flops.items()
+                  if forward_ok or m != "ntk_vp"}
+    method = min(candidates, key=candidates.get)
+    reason = "auto: the lowest estimated FLOPs" + (
+        "" if forward_ok else " (ntk_vp excluded: f calls a custom_vjp function)")
+  else:
+    method, reason = ntk_fn.method, "as requested"
+  return Plan(method, problem, engine, engine2, estimate, reason, batch,
+              tuple(outputs), kept, out_tree)
+
+def batch_decision(ntk_fn, params, x, batch: int) -> batching.Decision:
+  if ntk_fn.batch_independent is not None:
+    return batching.Decision(ntk_fn.batch_independent, "as given by batch_independent")
+  def trace_at(n):
+    resized = jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct((n,) + jnp.shape(a)[1:], jnp.result_type(a)), x)
+    # The Program keeps the constants, which the analysis compares between sizes.
+    return trace.trace_program(ntk_fn.f, params, resized, per_example=False)
+  num_params = len(jax.tree_util.tree_leaves(params))
+  return batching.infer(trace_at, num_params, batch)
+
+def engine_plan(ntk_fn, f, params, x, per_example: bool) -> analysis.Plan:
+  program = trace.trace_program(f, params, x, per_example)
+  engine = analysis.plan(program.jaxpr, program.consts, program.num_params,
+                         x_dependent=True, rules=ntk_fn.rules)
+  if ntk_fn.strict:
+    _raise_on_fallbacks(engine, params)
+  return engine
+
+
+_CUSTOM_VJP = compat.custom_vjp_primitives()
+
+
+def _calls_custom_vjp(jaxpr) -> bool:
+  return any(eqn.primitive in _CUSTOM_VJP
+             or any(_calls_custom_vjp(sub) for sub in compat.sub_jaxprs(eqn))
+             for eqn in jaxpr.eqns)
+
+
+def _same_signature(a, b, per_example: bool = False) -> bool:
+  """Same shapes and dtypes; per example: the same shapes past the batch axis."""
+  first = 1 if per_example else 0
+  sig = lambda t: [(jnp.shape(l)[first:], jnp.result_type(l))
+                   for l in jax.tree_util.tree_leaves(t)]
+  return sig(a) == sig(b)
+
+
+def _raise_on_fallbacks(engine: analysis.Plan, params) -> None:
+  names = paths(params)
+  for use in engine.uses:
+    if use.dense:
+      raise NotImplementedError(
+          f"strict=True: params{names[use.view.leaf]} has no structured path: its "
+          f"cotangent is taken {use.reason}. Register a rule for that primitive "
+          "(nc.register_rule) or pass strict=False to use a dense Jacobian there.")
+
+
+def _estimate(problem: Problem, engine, engine2) -> Estimate:
+  """FLOP estimates of every available method, from shapes alone."""
+  def flops(x):
+    abstract = jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)),
+        (problem.params, x))
+    return cost.jaxpr_flops(jax.make_jaxpr(problem.f)(*abstract))
+
+  if not problem.layouts:  # no kernel entries to compute
+    return Estimate({m: 0.0 for m in ("jacobian", "ntk_vp", "structured")},
+                    frozenset(), {}, {})
+  fp1 = flops(problem.x1)
+  fp2 = fp1 if problem.symmetric else flops(problem.x2)
+  n1, n2 = max(problem.shapes1[0][0], 1), max(problem.shapes2[0][0], 1)
+  per1, per2 = (fp1 / n1, fp2 / n2) if problem.batch_independent else (fp1, fp2)
+  size1 = sum(_prod(s) for s in problem.shapes1)
+  size2 = sum(_prod(s) for s in problem.shapes2)
+  num_params = sum(_prod(jnp.shape(w)) for w in jax.tree_util.tree_leaves(problem.params))
+  contraction = sum(
+      _prod(l.kernel_shape(s1, s2)) * l.trace_size(s1) * num_params
+      for l, s1, s2 in zip(problem.layouts, problem.shapes1, problem.shapes2))
+  # One reverse pass per output entry costs ~3 forward passes.
+  cotangents = 3 * (size1 * per1 + (0 if problem.symmetric else size2 * per2))
+  estimates = {"jacobian": cotangents + contraction, "ntk_vp": 3 * size2 * (fp1 + per2)}
+  if engine is None:
+    return Estimate(estimates, frozenset(), {}, {})
+  materialise, kinds, leaf_flops = set(), {}, {}
+  structured = cotangents
+  for leaf in range(engine.num_params):
+    if not engine.uses_of(leaf):
+      continue
+    pair = mat = 0
+    for layout, s1, s2 in zip(problem.layouts, problem.shapes1, problem.shapes2):
+      p, m = analysis.leaf_costs(engine, engine2 or engine, leaf, layout, s1, s2,
+                                 problem.batch_independent, problem.symmetric)
+      pair, mat = pair + p, mat + m
+    if mat < pair:
+      materialise.add(leaf)
+    kinds[leaf] = "materialised" if mat < pair else "pairwise"
+    leaf_flops[leaf] = min(pair, mat)
+    structured += min(pair, mat)
+  estimates["structured"] = structured
+  return Estimate(estimates, frozenset(materialise), kinds, leaf_flops)
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+  flops: dict[str, float]
+  materialise: frozenset
+  kinds: dict[int, str]
+  leaf_flops: dict[int, int]
+
+
+def _prod(shape) -> int:
+  out = 1
+  for d in shape:
+    out *= d
+  return out
+
+
+def paths(tree) -> list[str]:
+  return [jax.tree_util.keystr(p)
+          for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _check_params(params) -> None:
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    dtype = jnp.result_type(leaf)
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise TypeError(
+          f"params{jax.tree_util.keystr(path)} has dtype {dtype}; every parameter leaf "
+          "must be a real floating-point array (float16/bfloat16/float32/float64). "
+          "Pass integer or constant arrays through x, or close over them in f.")
+
+
+def _check_inputs(x, name: str) -> int:
+  leaves = jax.tree_util.tree_flatten_with_path(x)[0]
+  if not leaves:
+    raise ValueError(f"{name} has no array leaves; pass the inputs with the batch on "
+                     "axis 0.")
+  batch = None
+  for path, leaf in leaves:
+    shape = jnp.shape(leaf)
+    where = f"{name}{jax.tree_util.keystr(path)}"
+    if not shape:
+      raise ValueError(f"{where} is a scalar; every input leaf needs the batch on "
+                       "axis 0.")
+    if batch is not None and shape[0] != batch:
+      raise ValueError(f"{where} has {shape[0]} examples on axis 0 but other leaves of "
+                       f"{name} have {batch}; every leaf must hold the same batch.")
+    batch = shape[0]
+  return batch
+
+
+def _output_shapes(f, params, x, name: str):
+  out = jax.eval_shape(f, params, x)
+  if not jax.tree_util.tree_leaves(out):
+    raise ValueError(f"f(params, {name}) returned {out!r}, with no array in it; f must "
+                     "return an array or a pytree of arrays (did it forget `return`?).")
+  for path, leaf in jax.tree_util.tree_flatten_with_path(out)[0]:
+    where = f"f(params, {name}){jax.tree_util.keystr(path)}"
+    if not jnp.issubdtype(leaf.dtype, jnp.floating):
+      raise TypeError(f"{where} has dtype {leaf.dtype}; the NTK needs real "
+                      "floating-point outputs.")
+    if not leaf.shape:
+      raise ValueError(f"{where} is a scalar; f must keep the batch on axis 0 of "
+                       "every output.")
+  return out
