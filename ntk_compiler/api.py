@@ -10,6 +10,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from ntk_compiler import dump as dump_lib
 from ntk_compiler import emit, inspect, loops, planner
 from ntk_compiler import axes as axes_lib
 from ntk_compiler import rules as rules_lib
@@ -130,6 +131,8 @@ class NTKFunction:
                validate: bool = False):
     # while loops with a fixed trip count become scans: reverse-differentiable.
     self.f = loops.reverse_differentiable(f)
+    self.user_f = f  # as given (self.f: with fixed-trip while loops as scans)
+    self.name = inspect.function_name(f)  # names the compiled module and dump files
     self.rules = rules
     self.strict = strict
     self.method = method
@@ -138,7 +141,7 @@ class NTKFunction:
     self.batch_independent = batch_independent
     self.precision = precision
     self.validate = validate
-    self._jitted = jax.jit(self._compute)
+    self._jitted = jax.jit(_named(self._compute, f"ntk_{self.name}"))
 
   def __repr__(self) -> str:
     return (f"NTKFunction(method={self.method!r}, trace_axes={self.trace_axes}, "
@@ -194,13 +197,21 @@ class NTKFunction:
     cotangent is taken and why, dense fallbacks flagged) and how its term is
     contracted. `print()` it for a readable report.
     """
-    plan = planner.plan(self, params, x1, x2)
-    engine, estimate = plan.engine, plan.estimate
-    leaves = () if engine is None else inspect.leaf_reports(
-        engine, planner.paths(params), estimate.kinds, estimate.leaf_flops)
-    notes = tuple(self.f.notes(params, x1))
-    return inspect.Explanation(plan.method, plan.reason, plan.batch,
-                               dict(estimate.flops), leaves, notes)
+    return inspect.explain(self, planner.plan(self, params, x1, x2), params, x1)
+
+  def dump(self, directory: Any, params: Any, x1: Any,
+           x2: Any = None) -> dict[str, Any]:
+    """Writes what is built for these arguments into `directory`, as text files named
+    after f (for `def mlp`: mlp.jaxpr.txt, mlp.ntk.jaxpr.txt, mlp.stablehlo.mlir,
+    mlp.hlo.txt, mlp.cost.txt, mlp.explain.txt, mlp.explain.json): f's jaxpr, the
+    NTK program as a jaxpr, as StableHLO and as XLA's optimised HLO, XLA's cost
+    analysis and the `explain()` report. The compiled module is `jit_ntk_<f>` (also
+    in `XLA_FLAGS=--xla_dump_to=...` dumps). docs/dumps.md tells how to read them.
+
+    Returns:
+      {kind: pathlib.Path} for the kinds in `ntk_compiler.dump.KINDS`.
+    """
+    return dump_lib.dump(self, directory, params, x1, x2)
 
   def jaxpr(self, params: Any, x1: Any, x2: Any = None):
     """The NTK program built for these arguments, as a jaxpr."""
@@ -218,6 +229,15 @@ class NTKFunction:
                jnp.zeros(o.layout.kernel_shape(o.shape1, o.shape2), o.dtype)
                for i, o in enumerate(plan.outputs)]
     return plan.out_tree.unflatten(kernels)
+
+
+def _named(fn, name: str):
+  """`fn` under another __name__: jax.jit names the compiled module after it."""
+  def named(*args):
+    return fn(*args)
+  named.__name__ = named.__qualname__ = name
+  return named
+
 
 def _precision(precision: str):
   """The matmul precision of the NTK program ("default": JAX's own setting)."""

@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ntk_compiler import analysis, batching, compat, cost, trace
+from ntk_compiler import analysis, batching, compat, cost, inspect, trace
 from ntk_compiler import axes as axes_lib
 from ntk_compiler.methods import Problem
 
@@ -38,6 +38,9 @@ class Plan:
   outputs: tuple[Output, ...] = ()
   kept: tuple[int, ...] = ()
   out_tree: Any = None
+
+  def __repr__(self) -> str:  # short: no parameter arrays
+    return inspect.plan_repr(self)
 
 
 @dataclasses.dataclass(frozen=True)
