@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from ntk_compiler import dump as dump_lib
-from ntk_compiler import emit, inspect, loops, planner
+from ntk_compiler import emit, inspect, loops, planner, scale
 from ntk_compiler import axes as axes_lib
 from ntk_compiler import rules as rules_lib
 from ntk_compiler import validate as validate_lib
@@ -34,6 +34,10 @@ def compile_ntk(
     strict: bool = False,
     precision: str = "highest",
     validate: bool = False,
+    max_memory: int | str | None = None,
+    block_size: int | None = None,
+    devices: Any = None,
+    progress: Any = None,
 ) -> NTKFunction:
   """Compiles the empirical Neural Tangent Kernel of `f`.
 
@@ -76,6 +80,15 @@ def compile_ntk(
       output axes. Tolerance √eps of the output dtype. Costs that once per
       signature; a signature first met under `jax.jit` (tracers) raises TypeError:
       call once outside jit. `NTKFunction.verify` measures the same on demand.
+    max_memory: the memory budget per device, in bytes or as a string ("2GB",
+      "512MiB"); None (default): a share of the device's memory (of the host's RAM
+      on CPU). A call estimated above it is computed in tiles of examples (for a
+      per-example f; docs/scale.md), with x2 omitted only the upper tiles.
+    block_size: examples per tile, instead of sizing tiles from `max_memory`.
+    devices: the devices tiles shard over: a sequence of devices or a
+      `jax.sharding.Mesh`; None (default): every local device.
+    progress: tiled runs report tiles done: None (a bar on a terminal only), True,
+      False, or a callable `progress(done, total, elapsed_seconds)`.
 
   Returns:
     An `NTKFunction`; call it as `ntk_fn(params, x1)` or `ntk_fn(params, x1, x2)`.
@@ -113,8 +126,16 @@ def compile_ntk(
   diagonal = axes_lib.normalize_axes(diagonal_axes, "diagonal_axes")
   axes_lib.check_disjoint(trace, diagonal)
   table = rules_lib.registry(rules)
-  return NTKFunction(f, method, trace, diagonal, batch_independent, table,
-                     bool(strict), precision, validate=bool(validate))
+  if block_size is not None and (isinstance(block_size, bool) or not isinstance(
+      block_size, int) or block_size < 1):
+    raise ValueError(f"block_size must be a positive int or None, got {block_size!r}.")
+  ntk_fn = NTKFunction(f, method, trace, diagonal, batch_independent, table,
+                       bool(strict), precision, validate=bool(validate))
+  ntk_fn.max_memory = scale.parse_bytes(max_memory, "max_memory")
+  ntk_fn.block_size = block_size
+  ntk_fn.devices = scale.check_devices(devices)
+  ntk_fn.progress = scale.check_progress(progress)
+  return ntk_fn
 
 
 
@@ -141,6 +162,8 @@ class NTKFunction:
     self.batch_independent = batch_independent
     self.precision = precision
     self.validate = validate
+    # Scale (docs/scale.md): compile_ntk sets them from its arguments.
+    self.max_memory = self.block_size = self.devices = self.progress = None
     self._jitted = jax.jit(_named(self._compute, f"ntk_{self.name}"))
 
   def __repr__(self) -> str:
@@ -148,9 +171,15 @@ class NTKFunction:
             f"diagonal_axes={self.diagonal_axes}, "
             f"batch_independent={self.batch_independent})")
 
-  def __call__(self, params: Any, x1: Any, x2: Any = None) -> Any:
-    """Θ(x1, x2), or Θ(x1, x1) when x2 is omitted: one kernel per output leaf."""
-    kernel = self._jitted(params, x1, x2)
+  def __call__(self, params: Any, x1: Any, x2: Any = None, out: Any = None) -> Any:
+    """Θ(x1, x2), or Θ(x1, x1) when x2 is omitted: one kernel per output leaf.
+
+    A call estimated above `max_memory` (or given `out=`, or with `block_size` or
+    several devices) runs in tiles and returns NumPy arrays; `out=` (a writable NumPy
+    array, e.g. `np.lib.format.open_memmap`, or a pytree of them like the kernels)
+    receives the kernel tile by tile and is returned. docs/scale.md.
+    """
+    kernel = scale.call(self, params, x1, x2, out)
     if self.validate:  # raises ValidationError: the kernel is not returned
       validate_lib.validate_once(self, params, x1, x2, kernel)
     return kernel
@@ -184,6 +213,22 @@ class NTKFunction:
     validate_lib.refuse_tracers("NTKFunction.verify", params, x1, x2)
     kernel = self._jitted(params, x1, x2)
     return validate_lib.verify(self, params, x1, x2, kernel, seed)
+
+  def estimate(self, params: Any, x1: Any, x2: Any = None) -> scale.ScaleEstimate:
+    """FLOPs and peak bytes of a call, per tile and in total, and the tiling it would
+    use, from shapes alone (nothing runs). `print()` it for a one-line summary."""
+    return scale.estimate(self, params, x1, x2)
+
+  def matvec(self, params: Any, x1: Any, x2: Any, v: Any) -> Any:
+    """Θ(x1, x2)·v without building the kernel (x2 None: Θ(x1, x1)·v).
+
+    v is shaped like f(params, x2) without the traced axes (one array per output
+    leaf); the result like f(params, x1) without them: the kernel's x2 axes are
+    contracted with v, its diagonal axes kept elementwise. One VJP over x2 and one JVP
+    at x1 per index of the traced and diagonal axes, in blocks of examples under
+    `max_memory` for a per-example f. docs/scale.md.
+    """
+    return scale.matvec(self, params, x1, x2, v)
 
   def plan(self, params: Any, x1: Any, x2: Any = None) -> planner.Plan:
     """The method chosen and the problem solved for these arguments' signature."""

@@ -1,0 +1,944 @@
+"""Scale: kernels in tiles under a memory budget, on every device, into any array; Θ·v.
+
+A tile is the kernel of (a block of x1, a block of x2), computed by the NTK function's
+own per-signature program. Tiling by examples is exact only for a per-example f (the
+plan's batch decision): a model that mixes examples (a batch mean, batch norm in
+training mode) is computed in one piece, with a warning when its estimate exceeds the
+budget. With x2 omitted only the tiles on and above the diagonal are computed and the
+others are mirrored. Tiles shard over devices with `jax.shard_map` (x1's block split by
+examples across a `jax.sharding.Mesh`); inputs are laid out with
+`jax.make_array_from_callback` and results read from each process's addressable
+shards, so the same code runs on several hosts after `jax.distributed.initialize()`.
+
+The memory model is an estimate from shapes (per-example activation, output and
+parameter sizes, per method); it sizes the blocks and is reported by `estimate()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from ntk_compiler import compat
+
+# Share of a device's memory (or of host RAM, for CPU devices) the default budget takes.
+DEVICE_FRACTION = 0.75
+HOST_FRACTION = 0.5
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+          "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_bytes(value: Any, name: str = "max_memory") -> int | None:
+  """A byte count from an int, a float or a string such as "2GB", "512MiB" or "1.5 GB".
+
+  None stays None (the default budget). Decimal units (kB, MB, GB, TB) are powers of
+  1000, binary ones (KiB, MiB, GiB, TiB, and K, M, G, T alone) powers of 1024.
+  """
+  if value is None:
+    return None
+  if isinstance(value, bool):
+    raise TypeError(f"{name} must be a number of bytes or a string like '2GB', "
+                    f"got {value!r}.")
+  if isinstance(value, (int, np.integer, float, np.floating)):
+    if not value > 0:
+      raise ValueError(f"{name}={value!r} must be positive.")
+    return int(value)
+  if isinstance(value, str):
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
+    unit = match and _UNITS.get(match.group(2).lower())
+    if not unit:
+      raise ValueError(
+          f"{name}={value!r} is not a size: write a number of bytes or a number with "
+          "a unit, e.g. '2GB', '512MiB', '1.5GiB'.")
+    amount = float(match.group(1)) * unit
+    if not amount > 0:
+      raise ValueError(f"{name}={value!r} must be positive.")
+    return int(amount)
+  raise TypeError(f"{name} must be a number of bytes or a string like '2GB', got a "
+                  f"{type(value).__name__}.")
+
+
+def default_budget(devices) -> int:
+  """The default memory budget per device: a share of the smallest device's memory
+  (`memory_stats()['bytes_limit']`), or of the host's RAM for devices that report none
+  (CPU)."""
+  limits = []
+  for device in devices:
+    try:
+      stats = device.memory_stats()
+    except Exception:  # some backends do not implement it
+      stats = None
+    if stats and stats.get("bytes_limit"):
+      limits.append(int(stats["bytes_limit"] * DEVICE_FRACTION))
+  if limits:
+    return min(limits)
+  try:
+    ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  except (ValueError, OSError, AttributeError):
+    ram = 8 * 2**30
+  return int(ram * HOST_FRACTION)
+
+
+# --- devices ----------------------------------------------------------------------------
+
+def check_devices(devices) -> Any:
+  """`devices=` as given to compile_ntk: None, a non-empty sequence of devices or a Mesh."""
+  if devices is None or isinstance(devices, Mesh):
+    return devices
+  try:
+    items = tuple(devices)
+  except TypeError:
+    raise TypeError("devices must be None, a sequence of jax devices or a "
+                    f"jax.sharding.Mesh, got a {type(devices).__name__}.") from None
+  if not items or not all(hasattr(d, "platform") and hasattr(d, "id") for d in items):
+    raise TypeError("devices must be None, a non-empty sequence of jax devices "
+                    "(e.g. jax.local_devices()[:2]) or a jax.sharding.Mesh, got "
+                    f"{devices!r}.")
+  return items
+
+
+def mesh_of(devices) -> Mesh:
+  """The mesh the tiles shard over: the given Mesh, or a 1-D mesh over the devices
+  (all local devices by default)."""
+  if isinstance(devices, Mesh):
+    return devices
+  items = jax.local_devices() if devices is None else list(devices)
+  return Mesh(np.array(items), ("ntk_examples",))
+
+
+# --- the memory model -------------------------------------------------------------------
+
+def _size(shape) -> int:
+  return math.prod(shape)
+
+
+def _elements(jaxpr) -> int:
+  """Elements of every value a jaxpr computes (sub-jaxprs times their trip count)."""
+  total = 0
+  for eqn in compat.open_jaxpr(jaxpr).eqns:
+    total += sum(_size(getattr(v.aval, "shape", ())) for v in eqn.outvars)
+    subs = list(compat.sub_jaxprs(eqn))
+    if subs:
+      total += compat.trip_count(eqn) * max(_elements(s) for s in subs)
+  return total
+
+
+def _abstract(tree):
+  return jax.tree_util.tree_map(
+      lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+  """Per-example sizes (elements) the memory model needs, and the kernel's itemsize."""
+  n1: int
+  n2: int
+  act1: float   # values f computes per example of x1 (all of them when not per-example)
+  act2: float
+  out1: int     # output entries per example, all leaves
+  out2: int
+  pair: int     # kernel entries per pair of examples, all leaves (per example: diagonal)
+  params: int
+  item: int     # bytes of one kernel entry
+  inputs1: float  # input bytes per example
+  inputs2: float
+  materialised: int = 0  # parameter entries of the leaves the structured plan materialises
+
+
+def sizes(plan) -> Sizes:
+  """The per-example sizes of a plan's problem."""
+  problem = plan.problem
+  leaves = jax.tree_util.tree_leaves(problem.params)
+  chosen = getattr(getattr(plan, "estimate", None), "materialise", ()) or ()
+  materialised = sum(_size(jnp.shape(leaves[i])) for i in chosen if i < len(leaves))
+  return _sizes(problem.f, problem.params, problem.x1, problem.x2, problem.layouts,
+                problem.shapes1, problem.shapes2, problem.batch_independent,
+                [o.dtype for o in plan.outputs], materialised)
+
+
+def _sizes(f, params, x1, x2, layouts, shapes1, shapes2, per_ex, dtypes,
+           materialised) -> Sizes:
+  n1 = shapes1[0][0] if shapes1 else 0
+  n2 = shapes2[0][0] if shapes2 else 0
+
+  def act(x, n):
+    closed = jax.make_jaxpr(f)(*_abstract((params, x)))
+    return _elements(closed) / max(n, 1) if per_ex else _elements(closed)
+
+  def input_bytes(x, n):
+    total = sum(_size(jnp.shape(a)) * jnp.result_type(a).itemsize
+                for a in jax.tree_util.tree_leaves(x))
+    return total / max(n, 1)
+
+  act1 = act(x1, n1) if layouts else 0
+  act2 = act1 if x2 is None else (act(x2, n2) if layouts else 0)
+  one = lambda s: (1,) + tuple(s[1:])
+  pair = sum(_size(l.kernel_shape(one(s1), one(s2)))
+             for l, s1, s2 in zip(layouts, shapes1, shapes2))
+  params_size = sum(_size(jnp.shape(w)) for w in jax.tree_util.tree_leaves(params))
+  item = max([jnp.dtype(d).itemsize for d in dtypes] or [4])
+  x2 = x1 if x2 is None else x2
+  return Sizes(n1, n2, act1, act2, sum(_size(s[1:]) for s in shapes1),
+               sum(_size(s[1:]) for s in shapes2), pair, params_size, max(item, 4),
+               input_bytes(x1, n1), input_bytes(x2, n2), materialised)
+
+
+def quick_bound(ntk_fn, params, x1, x2) -> int:
+  """An upper bound of a call's peak bytes without planning it (f traced once per
+  side): the largest of the methods' estimates, f taken as per-example, every
+  parameter materialised."""
+  from ntk_compiler import axes as axes_lib
+  out1 = jax.tree_util.tree_leaves(jax.eval_shape(ntk_fn.f, params, x1))
+  out2 = out1 if x2 is None else jax.tree_util.tree_leaves(
+      jax.eval_shape(ntk_fn.f, params, x2))
+  layouts = [axes_lib.Layout.make(ntk_fn.trace_axes, ntk_fn.diagonal_axes, o.shape)
+             for o in out1]
+  shapes1, shapes2 = [o.shape for o in out1], [o.shape for o in out2]
+  params_size = sum(_size(jnp.shape(w)) for w in jax.tree_util.tree_leaves(params))
+  s = _sizes(ntk_fn.f, params, x1, x2, layouts, shapes1, shapes2, True,
+             [jnp.promote_types(o.dtype, jnp.float32) for o in out1], params_size)
+  return max(peak_bytes(m, s, s.n1, s.n2) for m in ("jacobian", "ntk_vp", "structured"))
+
+
+def peak_bytes(method: str, s: Sizes, b1: int, b2: int, symmetric: bool = False,
+               diagonal: bool = False) -> int:
+  """Estimated peak bytes of one tile of b1 x b2 examples (per example: `diagonal` tiles
+  pair example n of x1 with example n of x2 only).
+
+  Per method, from the sizes of what each holds at its peak:
+    jacobian: per-example Jacobians (b·O·P per side), the reverse pass vmapped over the
+      O outputs (b·O·A), the kernel tile;
+    ntk_vp: x1's linearisation (b1·A), x2's cotangents in parameter space (b2·O·P),
+      the forward pass vmapped over them (b2·O·b1·A) and the full (b1·O, b2·O) block;
+    structured: cotangents and factors (b·(O+1)·A per side), materialised leaves'
+      per-example Jacobians, and the pairwise contractions (a few kernel tiles).
+  """
+  pairs = b1 if diagonal else b1 * b2
+  tile = pairs * s.pair
+  inputs = b1 * s.inputs1 + b2 * s.inputs2
+  sides = [(b1, s.out1, s.act1)] + ([] if symmetric else [(b2, s.out2, s.act2)])
+  if method == "jacobian":
+    per_side = sum(b * o * (s.params + a) + b * a for b, o, a in sides)
+    elems = per_side + 2 * tile
+  elif method == "ntk_vp":
+    full = pairs * s.out1 * s.out2
+    elems = (b1 * s.act1 + b2 * s.out2 * (s.params + s.act2)
+             + (b1 if diagonal else b1 * b2) * s.out2 * s.act1 + full + tile)
+  else:
+    per_side = sum(b * (o + 1) * a + b * o * s.materialised for b, o, a in sides)
+    elems = per_side + 3 * tile
+  return int((elems + s.params) * s.item + inputs)
+
+
+# --- tiling -----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+  """How a kernel is split: blocks of examples and the tiles computed.
+
+  Attributes:
+    block1, block2: examples per block of x1 and x2 (the whole batch when not split).
+    tiles: how many tiles are computed (with x2 omitted: the upper ones only).
+    mode: "pairs" (axis 0 is paired: a grid of tiles), "diagonal" (axis 0 is a
+      diagonal axis: one tile per block) or "trace" (axis 0 traced: the mean over the
+      diagonal tiles), or "whole" (not split: f mixes examples).
+    devices: how many devices each tile is sharded over.
+  """
+  block1: int
+  block2: int
+  tiles: int
+  mode: str
+  devices: int
+  symmetric: bool
+
+  @property
+  def split(self) -> bool:
+    return self.tiles > 1
+
+
+def axis0_mode(plan) -> str:
+  layouts = plan.problem.layouts
+  if not plan.problem.batch_independent:
+    return "whole"
+  if layouts and 0 in layouts[0].diagonal:
+    return "diagonal"
+  if layouts and 0 in layouts[0].trace:
+    return "trace"
+  return "pairs"
+
+
+def count_tiles(mode: str, n1: int, n2: int, b1: int, b2: int, symmetric: bool) -> int:
+  t1, t2 = -(-n1 // b1) if n1 else 0, -(-n2 // b2) if n2 else 0
+  if mode in ("diagonal", "trace"):
+    return t1
+  if mode == "whole":
+    return 1
+  return t1 * (t1 + 1) // 2 if symmetric else t1 * t2
+
+
+def _round_up(n: int, m: int) -> int:
+  return -(-n // m) * m
+
+
+def choose_tiling(plan, s: Sizes, budget: int, block_size: int | None,
+                  num_devices: int) -> Tiling:
+  """Blocks as large as fit in `budget` bytes per device (or `block_size`)."""
+  mode = axis0_mode(plan)
+  symmetric = plan.problem.symmetric
+  n1, n2 = s.n1, s.n2
+  if mode == "whole":
+    return Tiling(n1, n2, 1, mode, 1, symmetric)
+  diagonal = mode != "pairs"
+  d = num_devices
+
+  def fits(b):
+    b1, b2 = min(b, n1), min(b, n2)
+    local = -(-b1 // d)
+    return peak_bytes(plan.method, s, local, b2 if not diagonal else local,
+                      symmetric=False, diagonal=diagonal) <= budget
+
+  big = max(n1, n2, 1)
+  if block_size is not None:
+    b = block_size
+  elif fits(big):
+    b = big
+  else:
+    lo, hi = 1, big  # largest b that fits, by bisection (peak grows with b)
+    while lo < hi:
+      mid = (lo + hi + 1) // 2
+      lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    b = lo
+    if not fits(b):
+      warnings.warn(
+          f"max_memory: even one example per tile is estimated at "
+          f"{_fmt(peak_bytes(plan.method, s, 1, 1, diagonal=diagonal))}, over the "
+          f"budget of {_fmt(budget)}; computing one example per tile anyway. Raise "
+          "max_memory or pick a method that holds less (method='structured').",
+          ResourceWarning, stacklevel=4)
+  b1 = _round_up(max(1, min(b, max(n1, 1))), d)
+  b2 = b1 if diagonal or symmetric else max(1, min(b, max(n2, 1)))
+  return Tiling(b1, b2, count_tiles(mode, n1, n2, b1, b2, symmetric), mode, d, symmetric)
+
+
+def _fmt(n: float) -> str:
+  for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+    if n >= scale:
+      return f"{n / scale:.3g} {unit}"
+  return f"{int(n)} B"
+
+
+# --- estimates --------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ScaleEstimate:
+  """What a call would cost, before anything runs.
+
+  Attributes:
+    method: the method the plan picked.
+    flops: estimated FLOPs of the whole call (all tiles).
+    flops_per_tile: estimated FLOPs of one full tile.
+    peak_bytes: estimated peak bytes of the call in one piece.
+    peak_bytes_per_tile: estimated peak bytes of one tile, per device.
+    kernel_bytes: bytes of the kernel(s) returned.
+    budget: the memory budget per device (bytes).
+    tiling: the `Tiling` the call would use.
+  """
+  method: str
+  flops: float
+  flops_per_tile: float
+  peak_bytes: int
+  peak_bytes_per_tile: int
+  kernel_bytes: int
+  budget: int
+  tiling: Tiling
+
+  @property
+  def fits(self) -> bool:
+    """Whether the call fits the budget in one piece."""
+    return self.peak_bytes <= self.budget
+
+  def __str__(self) -> str:
+    t = self.tiling
+    how = ("in one piece" if not t.split else
+           f"{t.tiles} tiles of {t.block1} x {t.block2} examples ({t.mode}"
+           + (", upper tiles mirrored" if t.symmetric and t.mode == "pairs" else "")
+           + ")")
+    if t.mode == "whole":
+      how += " (f mixes examples: not split)"
+    return (f"scale: method {self.method}, ~{self.flops:.3g} FLOPs in total, peak "
+            f"~{_fmt(self.peak_bytes)} in one piece, budget {_fmt(self.budget)} per "
+            f"device; {how} on {t.devices} device(s), ~{_fmt(self.peak_bytes_per_tile)}"
+            f" and ~{self.flops_per_tile:.3g} FLOPs per tile; kernel "
+            f"{_fmt(self.kernel_bytes)}")
+
+
+def _block_shapes(x, b):
+  return jax.tree_util.tree_map(
+      lambda a: jax.ShapeDtypeStruct((b,) + tuple(jnp.shape(a)[1:]), jnp.result_type(a)),
+      x)
+
+
+def estimate(ntk_fn, params, x1, x2=None, plan=None) -> ScaleEstimate:
+  """FLOPs and peak bytes of `ntk_fn(params, x1, x2)`, per tile and in total, with the
+  tiling it would use (`NTKFunction.estimate`)."""
+  plan = ntk_fn.plan(params, x1, x2) if plan is None else plan
+  s = sizes(plan)
+  mesh = mesh_of(ntk_fn.devices) if _splits(plan) else None
+  ndev = mesh.devices.size if mesh is not None else 1
+  budget = ntk_fn.max_memory or default_budget(
+      mesh.devices.flat if mesh is not None else jax.local_devices()[:1])
+  tiling = choose_tiling(plan, s, budget, ntk_fn.block_size, ndev)
+  flops = dict(getattr(plan.estimate, "flops", {}) or {})
+  total = float(flops.get(plan.method, 0.0))
+  diag = tiling.mode in ("diagonal", "trace")
+  whole = peak_bytes(plan.method, s, s.n1, s.n2, symmetric=plan.problem.symmetric,
+                     diagonal=diag)
+  local = -(-tiling.block1 // tiling.devices)
+  per_tile = peak_bytes(plan.method, s, local, local if diag else tiling.block2,
+                        diagonal=diag)
+  if tiling.split:
+    pairs_total = s.n1 if diag else s.n1 * s.n2
+    pairs_tile = tiling.block1 if diag else tiling.block1 * tiling.block2
+    flops_tile = total * pairs_tile / max(pairs_total, 1)
+    total = flops_tile * (tiling.tiles if not plan.problem.symmetric or diag else
+                          (count_tiles("pairs", s.n1, s.n2, tiling.block1,
+                                       tiling.block2, False) + tiling.tiles) / 2)
+  else:
+    flops_tile = total
+  kernel = sum(_size(o.layout.kernel_shape(o.shape1, o.shape2))
+               * jnp.dtype(o.dtype).itemsize for o in plan.outputs)
+  return ScaleEstimate(plan.method, total, flops_tile, whole, per_tile, kernel, budget,
+                       tiling)
+
+
+def _splits(plan) -> bool:
+  return axis0_mode(plan) != "whole"
+
+
+# --- progress ---------------------------------------------------------------------------
+
+class Progress:
+  """Reports tiles done: a callback `progress(done, total, elapsed)`, a tqdm bar or a
+  plain line on a terminal (progress=True, or None on a terminal), or nothing."""
+
+  def __init__(self, progress, total: int):
+    self.total, self.start, self.callback, self.bar = total, time.perf_counter(), None, None
+    self.line = False
+    if callable(progress):
+      self.callback = progress
+      return
+    if progress is None:
+      progress = total > 1 and sys.stderr.isatty()
+    if not progress:
+      return
+    try:
+      import tqdm  # optional: pip install ntk_compiler[progress]
+      self.bar = tqdm.tqdm(total=total, unit="tile", desc="ntk")
+    except ImportError:
+      self.line = True
+
+  def update(self, done: int) -> None:
+    elapsed = time.perf_counter() - self.start
+    if self.callback is not None:
+      self.callback(done, self.total, elapsed)
+    elif self.bar is not None:
+      self.bar.update(1)
+    elif self.line:
+      left = elapsed / done * (self.total - done) if done else float("nan")
+      end = "\n" if done == self.total else ""
+      sys.stderr.write(f"\rntk: {done}/{self.total} tiles, {elapsed:.1f} s elapsed, "
+                       f"~{left:.1f} s left{end}")
+      sys.stderr.flush()
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+
+
+def check_progress(progress) -> Any:
+  if progress is None or isinstance(progress, bool) or callable(progress):
+    return progress
+  raise TypeError("progress must be None (a bar on a terminal only), True, False or a "
+                  f"callable progress(done, total, elapsed), got {progress!r}.")
+
+
+# --- out= -------------------------------------------------------------------------------
+
+def _outputs(plan, out):
+  """Per output leaf, the writable host array the kernel goes into."""
+  shapes = [(o.layout.kernel_shape(o.shape1, o.shape2), np.dtype(o.dtype))
+            for o in plan.outputs]
+  if out is None:
+    return [np.zeros(shape, dtype) for shape, dtype in shapes], None
+  if isinstance(out, np.ndarray):
+    leaves = [out]
+    if plan.out_tree.num_leaves != 1:
+      raise ValueError(
+          f"out= is one array but f returns {plan.out_tree.num_leaves} output leaves; "
+          f"pass a pytree of arrays shaped like the kernels ({plan.out_tree}).")
+  else:
+    leaves, tree = jax.tree_util.tree_flatten(out)
+    if tree != plan.out_tree:
+      raise ValueError(f"out= has pytree structure {tree} but the kernels have "
+                       f"{plan.out_tree}; pass one array per output leaf of f.")
+  for i, (leaf, (shape, dtype)) in enumerate(zip(leaves, shapes)):
+    where = "out" if len(leaves) == 1 else f"out leaf {i}"
+    if not isinstance(leaf, np.ndarray):
+      raise TypeError(
+          f"{where} is a {type(leaf).__name__}; out= takes writable NumPy arrays "
+          "(np.empty, or np.lib.format.open_memmap for a .npy on disk). JAX arrays are "
+          "immutable.")
+    if tuple(leaf.shape) != tuple(shape):
+      raise ValueError(f"{where} has shape {leaf.shape} but the kernel has shape "
+                       f"{tuple(shape)}.")
+    if leaf.dtype != dtype:
+      raise ValueError(f"{where} has dtype {leaf.dtype} but the kernel has dtype "
+                       f"{dtype}; allocate it with dtype={dtype}.")
+    if not leaf.flags.writeable:
+      raise ValueError(f"{where} is read-only; pass a writable array (a memmap opened "
+                       "with mode 'w+' or 'r+').")
+  return leaves, out
+
+
+# --- running tiles ----------------------------------------------------------------------
+
+def _host(x):
+  return jax.tree_util.tree_map(np.asarray, x)
+
+
+def _block(x, start: int, stop: int, size: int):
+  """Examples start:stop of x, padded to `size` by repeating the last one (tiles are
+  per example: the padded rows are computed and dropped)."""
+  def one(a):
+    part = a[start:stop]
+    if stop - start < size:
+      pad = np.repeat(part[-1:], size - (stop - start), axis=0)
+      part = np.concatenate([part, pad], axis=0)
+    return part
+  return jax.tree_util.tree_map(one, x)
+
+
+class _Runner:
+  """Compiled tile programs, on one device or sharded over a mesh."""
+
+  def __init__(self, ntk_fn, params, mesh: Mesh | None, mode: str):
+    self.ntk_fn, self.mesh, self.mode = ntk_fn, mesh, mode
+    self.cache: dict = {}
+    self.host_params = params
+    self.params = jax.device_put(params) if mesh is None else self._put(params, P())
+    self.local_params = None
+
+  def _put(self, tree, spec):
+    sharding = NamedSharding(self.mesh, spec)
+    def one(a):
+      a = np.asarray(a)
+      return jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx])
+    return jax.tree_util.tree_map(one, tree)
+
+  def _program(self, symmetric: bool, sharded: bool):
+    key = (symmetric, sharded)
+    if key in self.cache:
+      return self.cache[key]
+    compute = self.ntk_fn._compute
+    if not sharded:
+      program = jax.jit(lambda p, a, b: compute(p, a, None if symmetric else b))
+    else:
+      axis, mode = self.mesh.axis_names, self.mode
+
+      def local(p, a, b):
+        kernels = compute(p, a, b)
+        if mode == "trace":  # equal shards: the mean of the shards' means
+          kernels = jax.tree_util.tree_map(lambda k: jax.lax.pmean(k, axis), kernels)
+        return kernels
+
+      paired = mode in ("diagonal", "trace")
+      program = jax.jit(jax.shard_map(
+          local, mesh=self.mesh, in_specs=(P(), P(axis), P(axis) if paired else P()),
+          out_specs=P() if mode == "trace" else P(axis), check_vma=False))
+    self.cache[key] = program
+    return program
+
+  def tile(self, xa, xb, symmetric: bool):
+    """The kernels of one tile (a list, one per output leaf), still on the device(s).
+
+    Sharded, x2's block is passed whole (a block against itself is not symmetric once
+    x1's rows are split); a block that does not split evenly (the last one of a traced
+    batch axis, which is not padded) runs on one device."""
+    batch = jax.tree_util.tree_leaves(xa)[0].shape[0]
+    size = 1 if self.mesh is None else self.mesh.devices.size
+    if self.mesh is None or batch % size:
+      if self.mesh is not None and self.local_params is None:
+        self.local_params = jax.device_put(self.host_params)
+      params = self.params if self.mesh is None else self.local_params
+      b = None if symmetric else jax.device_put(xb)
+      kernels = self._program(symmetric, False)(params, jax.device_put(xa), b)
+    else:
+      axis = self.mesh.axis_names
+      paired = self.mode in ("diagonal", "trace")
+      kernels = self._program(False, True)(self.params, self._put(xa, P(axis)),
+                                           self._put(xb, P(axis) if paired else P()))
+    return jax.tree_util.tree_leaves(kernels)
+
+
+def _pieces(kernel) -> list:
+  """(index within the tile, host array) of each piece of a tile this process holds:
+  the whole tile when it is addressable here, else this host's shards."""
+  if not isinstance(kernel, jax.Array) or kernel.is_fully_addressable:
+    piece = np.asarray(kernel)
+    return [(tuple(slice(0, n) for n in piece.shape), piece)]
+  seen, pieces = set(), []
+  for shard in kernel.addressable_shards:
+    index = tuple(slice(s.start or 0, s.stop if s.stop is not None else n)
+                  for s, n in zip(shard.index, kernel.shape))
+    key = tuple((s.start, s.stop) for s in index)
+    if key not in seen:
+      seen.add(key)
+      pieces.append((index, np.asarray(shard.data)))
+  return pieces
+
+
+def _write(dest, offsets, valid, kernel, perm=None) -> None:
+  """Writes the valid part of a tile into dest at `offsets` (its leading axes; the
+  others whole), permuted by `perm` (the mirror of a tile) if given."""
+  for index, piece in _pieces(kernel):
+    src, dst = [], []
+    for axis, s in enumerate(index):
+      start, stop = s.start, s.start + piece.shape[axis]
+      if axis < len(offsets):
+        stop = min(stop, valid[axis])
+        if stop <= start:
+          break
+        src.append(slice(0, stop - start))
+        dst.append(slice(offsets[axis] + start, offsets[axis] + stop))
+      else:
+        src.append(slice(None))
+        dst.append(slice(start, stop))
+    else:
+      part = piece[tuple(src)]
+      if perm is not None:
+        part, dst = np.transpose(part, perm), [dst[p] for p in perm]
+      dest[tuple(dst)] = part.astype(dest.dtype, copy=False)
+
+
+def compute(ntk_fn, params, x1, x2=None, out=None, plan=None, est=None) -> Any:
+  """The kernel(s) in tiles, under the NTK function's budget, on its devices, into
+  `out` (NumPy arrays, or new ones): what `NTKFunction.__call__` runs when the call
+  does not fit in one piece, or out=, block_size= or several devices ask for it."""
+  plan = ntk_fn.plan(params, x1, x2) if plan is None else plan
+  est = estimate(ntk_fn, params, x1, x2, plan=plan) if est is None else est
+  tiling = est.tiling
+  dests, given = _outputs(plan, out)
+  if tiling.mode == "whole" and not est.fits:
+    _warn_whole(plan, est)
+  kept = plan.kept
+  live = [dests[i] for i in kept]
+  for i, d in enumerate(dests):
+    if i not in kept or tiling.mode == "trace":
+      d[...] = 0
+  if kept and tiling.tiles:
+    _run_tiles(ntk_fn, params, x1, x2, plan, tiling, live,
+               Progress(ntk_fn.progress, tiling.tiles))
+  return given if given is not None else plan.out_tree.unflatten(dests)
+
+
+def _warn_whole(plan, est) -> None:
+  warnings.warn(
+      f"f mixes the examples of a batch ({plan.batch.reason}), so its kernel cannot be "
+      f"split by examples; it is computed in one piece, estimated at "
+      f"{_fmt(est.peak_bytes)} against a budget of {_fmt(est.budget)}. If it runs out "
+      "of memory, call it on fewer examples, or make f per-example "
+      "(batch_independent=True if it is).", ResourceWarning, stacklevel=4)
+
+
+def _run_tiles(ntk_fn, params, x1, x2, plan, tiling: Tiling, dests, reporter) -> None:
+  mode, symmetric = tiling.mode, plan.problem.symmetric
+  mesh = mesh_of(ntk_fn.devices) if tiling.devices > 1 else None
+  if mode == "whole":
+    runner = _Runner(ntk_fn, params, None, mode)
+    kernels = runner.tile(x1, x2 if x2 is not None else x1, symmetric)
+    for d, k in zip(dests, kernels):
+      d[...] = np.asarray(k)
+    reporter.update(1)
+    reporter.close()
+    return
+  runner = _Runner(ntk_fn, params, mesh, mode)
+  h1 = _host(x1)
+  h2 = h1 if x2 is None else _host(x2)
+  n1, n2, b1, b2 = tiling_sizes(plan, tiling)
+  layouts = plan.problem.layouts
+  jobs = []
+  for i in range(0, n1, b1):
+    if mode in ("diagonal", "trace"):
+      jobs.append((i, i))
+      continue
+    for j in range(i if symmetric else 0, n2, b2):
+      jobs.append((i, j))
+  pending, done = None, 0
+  try:
+    for i, j in jobs:
+      stop1, stop2 = min(i + b1, n1), min(j + b2, n2)
+      # A traced batch axis averages over the block: its last block is not padded.
+      pad1 = stop1 - i if mode == "trace" else b1
+      pad2 = stop2 - j if mode == "trace" else (b1 if mode != "pairs" else b2)
+      xa, xb = _block(h1, i, stop1, pad1), _block(h2, j, stop2, pad2)
+      kernels = runner.tile(xa, xb, symmetric and i == j)
+      if pending is not None:
+        _store(pending, dests, layouts, mode, symmetric, n1)
+        done += 1
+        reporter.update(done)
+      pending = (kernels, i, stop1, j, stop2)
+    if pending is not None:
+      _store(pending, dests, layouts, mode, symmetric, n1)
+      done += 1
+      reporter.update(done)
+  finally:
+    reporter.close()
+
+
+def tiling_sizes(plan, tiling):
+  n1 = plan.problem.shapes1[0][0]
+  n2 = plan.problem.shapes2[0][0]
+  return n1, n2, tiling.block1, tiling.block2
+
+
+def _store(pending, dests, layouts, mode, symmetric, n1) -> None:
+  kernels, i, stop1, j, stop2 = pending
+  for dest, layout, kernel in zip(dests, layouts, kernels):
+    if mode == "trace":  # the mean over examples, block by block
+      ((_, piece),) = _pieces(kernel)[:1]
+      dest += piece.astype(dest.dtype) * ((stop1 - i) / n1)
+    elif mode == "diagonal":
+      _write(dest, (i,), (stop1 - i,), kernel)
+    else:
+      _write(dest, (i, j), (stop1 - i, stop2 - j), kernel)
+      if symmetric and i != j:
+        _write(dest, (i, j), (stop1 - i, stop2 - j), kernel, layout.mirror_perm())
+
+
+# --- deciding whether to tile -----------------------------------------------------------
+
+def _signature(tree):
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  return treedef, tuple((jnp.shape(a), jnp.result_type(a)) for a in leaves)
+
+
+def _is_traced(*trees) -> bool:
+  return any(isinstance(a, jax.core.Tracer)
+             for t in trees for a in jax.tree_util.tree_leaves(t))
+
+
+def _signature_key(params, x1, x2):
+  return (_signature(params), _signature(x1), None if x2 is None else _signature(x2))
+
+
+def _light(plan):
+  """The plan without arrays (kept per signature, it must not hold the arguments)."""
+  problem = dataclasses.replace(
+      plan.problem, params=_abstract(plan.problem.params), x1=_abstract(plan.problem.x1),
+      x2=None if plan.problem.x2 is None else _abstract(plan.problem.x2))
+  return dataclasses.replace(plan, problem=problem, engine=None, engine2=None)
+
+
+def cached_estimate(ntk_fn, params, x1, x2):
+  """(plan without arrays, estimate) for this signature, computed once per NTK
+  function."""
+  cache = ntk_fn.__dict__.setdefault("_scale_cache", {})
+  key = ("estimate", _signature_key(params, x1, x2))
+  if key not in cache:
+    plan = ntk_fn.plan(params, x1, x2)
+    cache[key] = (_light(plan), estimate(ntk_fn, params, x1, x2, plan=plan))
+  return cache[key]
+
+
+_BUDGETS: dict = {}
+
+
+def _fits_quickly(ntk_fn, params, x1, x2) -> bool:
+  """Whether the call surely fits the budget in one piece on one device (no plan)."""
+  cache = ntk_fn.__dict__.setdefault("_scale_cache", {})
+  key = ("quick", _signature_key(params, x1, x2))
+  if key not in cache:
+    try:
+      bound = quick_bound(ntk_fn, params, x1, x2)
+    except Exception:  # bad arguments: the one-piece path raises the proper error
+      bound = 0
+    budget = ntk_fn.max_memory
+    if budget is None:
+      device = jax.local_devices()[0]
+      if device not in _BUDGETS:
+        _BUDGETS[device] = default_budget([device])
+      budget = _BUDGETS[device]
+    cache[key] = bound <= budget
+  return cache[key]
+
+
+def call(ntk_fn, params, x1, x2=None, out=None):
+  """`ntk_fn(params, x1, x2, out=...)`: in one piece by the NTK function's own jitted
+  program when that fits (the result is then a JAX array), else in tiles (NumPy
+  arrays, or `out`)."""
+  if _is_traced(params, x1, x2):
+    if out is not None:
+      raise TypeError("out= needs concrete arrays: it writes the kernel tile by tile "
+                      "on the host, which cannot happen under jax.jit / vmap / grad.")
+    return ntk_fn._jitted(params, x1, x2)
+  explicit = (out is not None or ntk_fn.block_size is not None
+              or ntk_fn.devices is not None)
+  one_device = ntk_fn.devices is None and len(jax.local_devices()) == 1
+  if not explicit and one_device and _fits_quickly(ntk_fn, params, x1, x2):
+    return ntk_fn._jitted(params, x1, x2)
+  plan, est = cached_estimate(ntk_fn, params, x1, x2)
+  if not explicit and est.tiling.devices == 1 and (est.fits or est.tiling.mode == "whole"):
+    if not est.fits:
+      _warn_whole(plan, est)
+    return ntk_fn._jitted(params, x1, x2)
+  return compute(ntk_fn, params, x1, x2, out, plan=plan, est=est)
+
+
+# --- Θ·v --------------------------------------------------------------------------------
+
+def _vector_leaves(plan, v, name="v"):
+  """v's leaves, checked against the x2 side of each kernel (traced axes left out)."""
+  want = [tuple(n for a, n in enumerate(o.shape2) if a not in o.layout.trace)
+          for o in plan.outputs]
+  if plan.out_tree.num_leaves == 1 and not isinstance(v, (list, tuple, dict)):
+    leaves = [v]
+  else:
+    leaves, tree = jax.tree_util.tree_flatten(v)
+    if tree != plan.out_tree:
+      raise ValueError(f"{name} has pytree structure {tree} but f's output has "
+                       f"{plan.out_tree}; pass one array per output leaf.")
+  for i, (leaf, shape, o) in enumerate(zip(leaves, want, plan.outputs)):
+    if tuple(jnp.shape(leaf)) != shape:
+      traced = f" (traced axes {o.layout.trace} left out)" if o.layout.trace else ""
+      raise ValueError(
+          f"{name}{'' if len(want) == 1 else f' leaf {i}'} has shape "
+          f"{tuple(jnp.shape(leaf))}; it must be shaped like f(params, x2)"
+          f"{traced}: {shape}.")
+  return leaves
+
+
+def _masks(shape, axes):
+  """One-hot masks over `axes` of an array of `shape`: (m,) + shape broadcastable."""
+  sub = [shape[a] for a in axes]
+  m = _size(sub)
+  eye = jnp.eye(m).reshape([m] + sub)
+  full = [1] * len(shape)
+  for a in axes:
+    full[a] = shape[a]
+  return eye.reshape([m] + full)
+
+
+def _leaf_fn(f, k):
+  return lambda p, x: jax.tree_util.tree_leaves(f(p, x))[k]
+
+
+def _cotangents(fk, params, x2, v_full, axes):
+  """Σ_x2 J2ᵀ (v masked to each index of `axes`): one VJP per index, stacked."""
+  out, vjp = jax.vjp(lambda p: fk(p, x2), params)
+  masks = _masks(out.shape, axes)
+  return jax.vmap(lambda m: vjp((v_full * m).astype(out.dtype))[0])(masks)
+
+
+def _push(fk, params, x1, u, axes, shape1):
+  """Σ_s (J1 u_s) masked to index s of `axes`: shape1."""
+  _, jvp = jax.linearize(lambda p: fk(p, x1), params)
+  ys = jax.vmap(jvp)(u)
+  masks = _masks(shape1, axes)
+  return jnp.sum(ys * masks.astype(ys.dtype), axis=0)
+
+
+def _full_v(vk, layout, shape):
+  """v with the traced axes put back (broadcast): shaped like the output leaf."""
+  for a in layout.trace:
+    vk = jnp.expand_dims(vk, a)
+  return jnp.broadcast_to(vk, shape)
+
+
+def _finish(y, layout, shape):
+  """The traced axes summed out and divided by their size."""
+  if layout.trace:
+    y = jnp.sum(y, axis=layout.trace) / layout.trace_size(shape)
+  return y
+
+
+def matvec(ntk_fn, params, x1, x2, v):
+  """Θ(x1, x2)·v without the kernel (`NTKFunction.matvec`)."""
+  plan = ntk_fn.plan(params, x1, x2)
+  vs = _vector_leaves(plan, v)
+  problem = plan.problem
+  outs = [jnp.zeros(tuple(n for a, n in enumerate(o.shape1) if a not in o.layout.trace),
+                    o.dtype) for o in plan.outputs]
+  if not problem.layouts or not jax.tree_util.tree_leaves(params):
+    return plan.out_tree.unflatten(outs)
+  est = cached_estimate(ntk_fn, params, x1, x2)[1] if not _is_traced(
+      params, x1, x2, v) else None
+  for k, i in enumerate(plan.kept):
+    o = plan.outputs[i]
+    with _precision(ntk_fn.precision):
+      y = _matvec_leaf(problem, k, o, jnp.asarray(vs[i]), est)
+    outs[i] = y.astype(o.dtype)
+  return plan.out_tree.unflatten(outs)
+
+
+def _precision(precision):
+  import contextlib
+  return (contextlib.nullcontext() if precision == "default"
+          else jax.default_matmul_precision(precision))
+
+
+def _matvec_leaf(problem, k, o, vk, est):
+  layout, shape1, shape2 = o.layout, o.shape1, o.shape2
+  fk = _leaf_fn(problem.f, k)
+  axes = tuple(sorted(layout.trace + layout.diagonal))
+  x1, x2 = problem.x1, problem.second
+  v_full = _full_v(vk, layout, shape2)
+  if problem.batch_independent and 0 in axes:
+    # Only pairs (x1[n], x2[n]) count: per example, vmapped over n.
+    single = lambda p, x: fk(p, jax.tree_util.tree_map(lambda a: a[None], x))[0]
+    rest = tuple(a - 1 for a in axes if a)
+
+    def one(x1n, x2n, vn):
+      u = _cotangents(single, problem.params, x2n, vn, rest)
+      return _push(single, problem.params, x1n, u, rest, shape1[1:])
+
+    y = jax.jit(jax.vmap(one))(x1, x2, v_full)
+    return _finish(y, layout, shape1)
+  if not problem.batch_independent or est is None or not est.tiling.split:
+    run = jax.jit(lambda p, a, b, vf: _push(fk, p, a, _cotangents(fk, p, b, vf, axes),
+                                            axes, shape1))
+    return _finish(run(problem.params, x1, x2, v_full), layout, shape1)
+  # Per example, tiled: u = Σ over x2's blocks of one VJP each; then one JVP per
+  # block of x1 (Θ·v is linear in v).
+  b = est.tiling.block1
+  vjp_block = jax.jit(lambda p, xb, vb: _cotangents(fk, p, xb, vb, axes))
+  n1, n2 = shape1[0], shape2[0]
+  h1, h2, hv = _host(x1), _host(x2), np.asarray(v_full)
+  u = None
+  for j in range(0, n2, b):
+    stop = min(j + b, n2)
+    vb = hv[j:stop]
+    if stop - j < b:  # zero cotangent on the padded rows
+      vb = np.concatenate([vb, np.zeros((b - (stop - j),) + vb.shape[1:], vb.dtype)])
+    part = vjp_block(problem.params, _block(h2, j, stop, b), vb)
+    u = part if u is None else jax.tree_util.tree_map(jnp.add, u, part)
+  push = jax.jit(lambda p, xa, uu: _push(fk, p, xa, uu, axes, (b,) + tuple(shape1[1:])))
+  rows = []
+  for i in range(0, n1, b):
+    stop = min(i + b, n1)
+    rows.append(np.asarray(push(problem.params, _block(h1, i, stop, b), u))[:stop - i])
+  return _finish(jnp.asarray(np.concatenate(rows)), layout, shape1)
