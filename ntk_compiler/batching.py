@@ -181,9 +181,22 @@ def _walk(jaxpr, in_states: Sequence[State], prefix: tuple,
     outs = _apply(eqn, ins, path, sizes)
     for v, s in zip(eqn.outvars, outs):
       if sizes is not None:
-        s = _sized(s, sizes.get((prefix, v)), _where(eqn, path))
+        axes = sizes.get((prefix, v))
+        s = _sized(_relabel(eqn, s, v, axes), axes, _where(eqn, path))
       env[v] = s
   return [read(v) for v in jaxpr.outvars]
+
+
+def _relabel(eqn, s: State, v, axes) -> State:
+  """At batch size 1 a reshape that adds or drops unit axes cannot tell which unit
+  axis the batch went to ((3, 1) -> (3, 1, 1)); the trace at N tells (`axes`), and the
+  data is the same whichever unit axis is called the batch axis."""
+  if (eqn.primitive is lax.reshape_p and s.axis is not None
+      and isinstance(axes, frozenset) and len(axes) == 1):
+    (j,), shape = axes, _shape(v)
+    if shape[s.axis] == 1 and shape[j] == 1:
+      return State(j)
+  return s
 
 
 def _where(eqn, path: tuple) -> str:
@@ -202,7 +215,7 @@ def _apply(eqn, ins: list[State], path: tuple, sizes: dict | None) -> list[State
   if rule is None:
     if all(s.axis is None for s in ins):
       return [UNBATCHED] * n
-    return [State(mixed=f"no batching rule for {where}")] * n
+    rule = _derived
   sub = lambda jaxpr, states: _walk(jaxpr, states, path, sizes)
   try:
     outs = rule(eqn, ins, sub)
@@ -504,7 +517,14 @@ def _unstack(eqn, ins, sub):
 
 @_register(("tile",))
 def _tile(eqn, ins, sub):
-  return _untouched(eqn, ins, lambda a: eqn.params["reps"][a] != 1, "tiles")
+  """Tiling keeps every axis a value is constant along constant (a size-1 axis
+  tiled included: the ViT's class token `jnp.tile(cls, (N, 1, 1))`)."""
+  s, shape, reps = ins[0], _shape(eqn.invars[0]), eqn.params["reps"]
+  if s.axis is None:
+    return [State(const=_map_const(s, shape, lambda a: a))]
+  if reps[s.axis] != 1:
+    raise _Mixes(f"tiles along the batch axis {s.axis}")
+  return [State(s.axis)]
 
 
 @_register(("concatenate",))
@@ -611,6 +631,21 @@ def _conv(eqn, ins, sub):
   return [State(dn.out_spec[0])]
 
 
+@_register(("triangular_solve",))
+def _triangular_solve(eqn, ins, sub):
+  """a x = b (left_side) or x a = b: b's columns (left) or rows (right) are solved
+  independently; leading axes are batch axes of both."""
+  (a, b), nd = ins, len(_shape(eqn.invars[1]))
+  if a.axis is None and b.axis is None:
+    return _plain(eqn)
+  k = b.axis if b.axis is not None else a.axis
+  if k < nd - 2:
+    return [State(_common_axis(eqn, ins, (0, 1)))]
+  if k == (nd - 1 if eqn.params["left_side"] else nd - 2) and a.axis is None:
+    return [State(k)]
+  raise _Mixes(f"solves along the batch axis {k}")
+
+
 # Indexing.
 
 @_register(("gather",))
@@ -681,6 +716,85 @@ def _scatter(eqn, ins, sub):
   return [State(k)]
 
 
+# Primitives without a rule here: the fact JAX's own batching rule proves.
+
+def _derived(eqn, ins, sub):
+  """The batch fact of a primitive this module has no rule for, from JAX's batching rule.
+
+  With p the primitive and θ the equation's params, `jax.vmap(p_θ)` over the batch axis
+  of each batched operand (the unbatched ones passed whole) is traced at the shapes of
+  the operands: if JAX's batching rule turns it into this very equation (p, θ, operand
+  and output shapes, nothing else), the equation computes p_θ of each example on its
+  own, with the batch on the vmap's output axis. That holds at batch size N and at 1
+  alike, and θ is the same in both programs (`_align` compares every param but the
+  shape-like ones, which this derivation refuses), so row i of the program at N is the
+  program at 1 on example i. The trust is JAX's: a batching rule is what `jax.vmap`
+  runs. Anything else (no batching rule, a rule that moves axes or rewrites the
+  equation, params that hold sizes) is not proven.
+  """
+  if any(key in _SHAPE_PARAMS for key in eqn.params):
+    raise _Mixes("has no batch rule here, and size params that JAX's batching rule "
+                 "cannot be checked against")
+  in_axes = [s.axis for s in ins]
+  out_ndim = {len(_shape(v)) for v in eqn.outvars}
+  first = next(a for a in in_axes if a is not None)
+  candidates = [first] + [k for k in range(max(out_ndim)) if k != first]
+  for k in candidates:
+    if all(k < d for d in out_ndim) and _vmap_reproduces(eqn, in_axes, k):
+      return [State(k)] * len(eqn.outvars)
+  raise _Mixes("has no batch rule here, and JAX's batching rule for it does not "
+               "reproduce the equation (it has none, or moves or rewrites the batch)")
+
+
+def _vmap_reproduces(eqn, in_axes: list, out_axis: int) -> bool:
+  """Whether `jax.vmap` of `eqn`'s primitive and params (batched operands on `in_axes`,
+  None for the unbatched; every output on `out_axis`) traces to `eqn` itself: one
+  equation, same primitive, same params, operands and outputs of the same avals."""
+  def per_example(aval, axis):
+    shape = tuple(aval.shape)
+    if axis is not None:
+      shape = shape[:axis] + shape[axis + 1:]
+    return jax.ShapeDtypeStruct(shape, aval.dtype)
+  prim = eqn.primitive
+  try:
+    params = prim.get_bind_params(eqn.params)
+  except Exception:  # noqa: BLE001 - a primitive bound only with its own machinery
+    return False
+  bind = lambda *ops: prim.bind(*ops, **params)
+  args = [jax.ShapeDtypeStruct(tuple(v.aval.shape), v.aval.dtype) for v in eqn.invars]
+  try:
+    per = [per_example(v.aval, a) for v, a in zip(eqn.invars, in_axes)]
+    jax.eval_shape(bind, *per)  # p at the per-example shapes must be defined
+    traced = jax.make_jaxpr(jax.vmap(bind, in_axes=tuple(in_axes),
+                                     out_axes=out_axis))(*args)
+  except Exception:  # noqa: BLE001 - no batching rule, or one that refuses
+    return False
+  if getattr(traced, "consts", None):
+    return False
+  jaxpr = compat.open_jaxpr(traced)
+  while len(jaxpr.eqns) == 1 and (body := compat.call_body(jaxpr.eqns[0])) is not None:
+    e = jaxpr.eqns[0]  # a wrapper (lax.fft is a jit): its body, operands passed through
+    if (body[1] or list(e.invars) != list(jaxpr.invars)
+        or list(e.outvars) != list(jaxpr.outvars)):
+      return False
+    jaxpr = body[0]
+  if len(jaxpr.eqns) != 1:
+    return False
+  (e,) = jaxpr.eqns
+  outs = list(jaxpr.outvars)
+  return (e.primitive is prim and list(e.invars) == list(jaxpr.invars)
+          and list(e.outvars) == outs and len(outs) == len(eqn.outvars)
+          and all(_same_aval(a.aval, b.aval) for a, b in zip(e.invars, eqn.invars))
+          and all(_same_aval(a.aval, b.aval) for a, b in zip(e.outvars, eqn.outvars))
+          and e.params.keys() == eqn.params.keys()
+          and all(_same_param(k, e.params[k], eqn.params[k], -1, False)
+                  for k in e.params))
+
+
+def _same_aval(a, b) -> bool:
+  return tuple(a.shape) == tuple(b.shape) and a.dtype == b.dtype
+
+
 # Calls and control flow.
 
 _CUSTOM = compat.custom_derivative_primitives()
@@ -696,6 +810,28 @@ def _call(eqn, ins, sub):
   if len(bodies) != 1:
     raise _Mixes("has no body the pass can read")
   return sub(bodies[0], ins)
+
+
+@_register(("linear_solve",))
+def _linear_solve(eqn, ins, sub):
+  """custom_linear_solve (`jnp.linalg.solve`): x = solve(b), with matvec(x) = b. Each
+  of its functions (matvec, vecmat, solve, transpose_solve: what its value, its
+  derivatives and their transposes run) must map b's batching to itself."""
+  lengths, jaxprs = tuple(eqn.params["const_lengths"]), tuple(eqn.params["jaxprs"])
+  b = ins[sum(lengths):]
+  if len(lengths) != len(jaxprs) or len(b) != len(eqn.outvars):
+    raise _Mixes("has a layout the pass cannot read")
+  start = 0
+  for j, n in zip(jaxprs, lengths):
+    consts, start = ins[start:start + n], start + n
+    if j is None:
+      continue
+    for o, s in zip(sub(compat.open_jaxpr(j), consts + b), b):
+      if o.mixed is not None:
+        raise _Mixes(f"has a function where examples meet: {o.mixed}")
+      if o.axis != s.axis:
+        raise _Mixes("has a function that moves the batch axis of its operand")
+  return [State(s.axis) if s.axis is not None else UNBATCHED for s in b]
 
 
 def _join(a: State, b: State, shape: tuple) -> State:
@@ -795,7 +931,7 @@ class _Differs(Exception):
 _SHAPE_PARAMS = frozenset({
     "shape", "new_sizes", "start_indices", "limit_indices", "strides", "slice_sizes",
     "padding_config", "sizes", "window_dimensions", "window_strides", "padding",
-    "base_dilation", "window_dilation", "lhs_dilation", "rhs_dilation"})
+    "base_dilation", "window_dilation", "lhs_dilation", "rhs_dilation", "reps"})
 
 
 def _parts(traced) -> tuple[Any, list | None]:
@@ -939,9 +1075,12 @@ def _align_eqn(e, g, prefix: tuple, i: int, n: int, sizes_a: dict, sizes_b: dict
 
 def _align_bodies(x, y, path: tuple, n: int, sizes_a: dict, sizes_b: dict, where: str):
   xs, ys = (list(t) if isinstance(t, tuple) else [t] for t in (x, y))
-  if len(xs) != len(ys) or not all(map(_is_jaxpr, xs + ys)):
+  if len(xs) != len(ys) or not all(
+      (u is None and v is None) or (_is_jaxpr(u) and _is_jaxpr(v)) for u, v in zip(xs, ys)):
     raise _Differs(f"{where} has other bodies at batch size 1")
   for u, v in zip(xs, ys):
+    if u is None:
+      continue
     (ju, cu), (jv, cv) = _parts(u), _parts(v)
     _align_jaxpr(ju, jv, cu, cv, path, n, sizes_a, sizes_b)
 

@@ -209,9 +209,21 @@ def test_output_batch_on_axis_1():
 
 
 def test_unknown_primitive_is_not_independent():
+  """A primitive without a rule here and without a JAX batching rule: not proven."""
+  opaque_p = compat.Primitive("opaque_rows")
+  opaque_p.def_abstract_eval(lambda x: jax.core.ShapedArray(x.shape, x.dtype))
+  d = decide(lambda p, x: opaque_p.bind(x) * p, 1.0, X)
+  assert not d.independent and "JAX's batching rule" in d.reason, d.reason
+
+
+def test_primitive_known_by_its_jax_batching_rule():
+  """cholesky has no rule here: JAX's batching rule proves it per-example."""
   spd = rand(N, D, D) @ jnp.swapaxes(rand(N, D, D), 1, 2) + 3 * jnp.eye(D)
-  d = decide(lambda p, x: jnp.linalg.cholesky(x) * p, 1.0, spd)
-  assert not d.independent and "no batching rule for" in d.reason, d.reason
+  assert decide(lambda p, x: jnp.linalg.cholesky(x) * p, 1.0, spd).independent
+  square = rand(N, N, N) @ jnp.swapaxes(rand(N, N, N), 1, 2) + 3 * jnp.eye(N)
+  chol = lambda a: lax.linalg.cholesky(a, symmetrize_input=False)
+  d = decide(lambda p, x: chol(jnp.swapaxes(x, 0, 1)) * p, 1.0, square)
+  assert not d.independent and "cholesky" in d.reason, d.reason  # batch on a row axis
 
 
 def test_nested_reason_names_the_inner_equation():

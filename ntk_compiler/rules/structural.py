@@ -1,5 +1,5 @@
-"""Rules for the primitives that move entries: broadcast, reshape, transpose, squeeze,
-rev, concatenate, pad and slice.
+"""Rules for the primitives that move entries: broadcast, tile, reshape, transpose,
+squeeze, rev, concatenate, pad and slice.
 
 Their Jacobians are 0/1. Axes an op leaves alone are traced; each axis it moves entries
 along is free on both sides, with a small (y_len, w_len) 0/1 matrix per axis and their
@@ -67,6 +67,28 @@ def broadcast_in_dim_rule(eqn: EqnInfo, operand: int) -> RuleResult | None:
   kept = {a for a, _ in trace}
   tiled = tuple(a for a in range(len(y_shape)) if a not in kept)
   return _one(eqn, Structure(trace=trace, tiled=tiled, w_tiled=w_tiled))
+
+
+@register_rule(lax.tile_p)
+def tile_rule(eqn: EqnInfo, operand: int) -> RuleResult | None:
+  """Untiled axes trace; a tiled axis of size 1 is tiled (y constant along it); any
+  other tiled axis is free on both sides with a (reps * n, n) 0/1 matrix."""
+  if operand != 0 or not _is_float(eqn.in_avals[0]):
+    return None
+  w_shape, y_shape = eqn.in_avals[0].shape, eqn.out_aval.shape
+  reps = tuple(eqn.params["reps"])
+  trace, tiled, mats = [], [], []
+  for a, (n, r) in enumerate(zip(w_shape, reps)):
+    if r == 1:
+      trace.append((a, a))
+    elif n == 1:
+      tiled.append(a)
+    else:
+      mats.append(_placement(n, y_shape[a], [j % n for j in range(y_shape[a])]).T)
+  structure = Structure(trace=tuple(trace), tiled=tuple(tiled), w_tiled=tuple(tiled))
+  factor = _outer(mats)
+  dtype = eqn.out_aval.dtype
+  return RuleResult(structure, lambda *ops: jnp.asarray(factor, dtype))
 
 
 @register_rule(lax.reshape_p)
