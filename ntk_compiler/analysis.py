@@ -116,7 +116,7 @@ def plan(jaxpr, consts, num_params: int, x_dependent: bool,
   out_views = builder.walk(jaxpr, in_views, in_dep, [False] * len(jaxpr.constvars), ())
   for k, views in enumerate(out_views):
     for view in views:
-      builder.pending.append(((("out",), jaxpr.outvars[k]), view, ("out", k),
+      builder.pending.append((((), jaxpr.outvars[k]), view, ("out", k),
                               "at an output of f", False))
   builder.close()
 
@@ -175,6 +175,7 @@ class _Builder:
         return [], False
       return views.get(atom, []), dep.get(atom, False)
 
+    consumers = _consumers(jaxpr)
     for i, eqn in enumerate(jaxpr.eqns):
       path = prefix + (i,)
       op_views, op_dep = zip(*[read(a) for a in eqn.invars]) if eqn.invars else ((), ())
@@ -183,6 +184,22 @@ class _Builder:
         views[v], dep[v] = [], out_dep
       if not any(op_views):
         continue
+      if _carries_derivative(eqn) and any(
+          vs and consumers.get(a, 0) > 1 for a, vs in zip(eqn.invars, op_views)):
+        # A fan-out: the views of a value read by several equations stop there, as one
+        # use per view whose cotangent sums every branch (no uses multiplied per
+        # branch, no paths enumerated through diamonds). Roots (the leaves) go on.
+        op_views = list(op_views)
+        for k, (atom, vs) in enumerate(zip(eqn.invars, op_views)):
+          if vs and consumers.get(atom, 0) > 1:
+            live = [view for view in vs if view.steps]
+            for view in live:
+              self.pending.append(((prefix, atom), view, (path, k),
+                                   f"at a fan-out: read by {consumers[atom]} equations",
+                                   False))
+            op_views[k] = [view for view in vs if not view.steps]
+        if not any(op_views):
+          continue
       body = compat.call_body(eqn)
       if body is not None:
         inner, inner_consts = body
@@ -386,6 +403,28 @@ def _per_output(result, num_outputs: int, primitive):
   if len(results) != num_outputs or any(r is None for r in results):
     return None
   return results
+
+
+def _carries_derivative(eqn) -> bool:
+  """Whether a derivative flows through `eqn` (not a comparison, integer op or
+  stop_gradient)."""
+  return eqn.primitive is not _STOP_GRADIENT and any(
+      jnp.issubdtype(v.aval.dtype, jnp.inexact) for v in eqn.outvars)
+
+
+def _consumers(jaxpr) -> dict:
+  """How many times each variable is read where a derivative flows: by equations
+  (once per operand) and as an output of the jaxpr."""
+  count: dict = {}
+  for eqn in jaxpr.eqns:
+    if _carries_derivative(eqn):
+      for a in eqn.invars:
+        if not isinstance(a, compat.Literal):
+          count[a] = count.get(a, 0) + 1
+  for v in jaxpr.outvars:
+    if not isinstance(v, compat.Literal):
+      count[v] = count.get(v, 0) + 1
+  return count
 
 
 def _elementwise_custom(eqn) -> bool:
