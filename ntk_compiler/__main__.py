@@ -1,3 +1,5 @@
+import sys
+
 from ntk_compiler.cli import main
 
-main()
+sys.exit(main())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import textwrap
 from collections.abc import Mapping
 from typing import Any
 
@@ -169,7 +170,8 @@ class Explanation:
   def __str__(self) -> str:
     lines = [f"method: {self.method} ({self.reason})"]
     if self.description:
-      lines.append(f"  {self.description}")
+      lines.append(textwrap.fill(self.description, 88, initial_indent="  ",
+                                 subsequent_indent="  "))
     lines.append(f"batch_independent: {self.batch.independent} ({self.batch.reason})")
     for o in self.outputs:
       lines.append(f"{o.where}: x1 {o.shape1}, x2 {o.shape2} -> kernel "
