@@ -387,6 +387,9 @@ def _print_row(row) -> None:
         f"{'XLA MB':>7s} {'RSS+ MB':>7s} {'GFLOP/s':>8s} {'%peak':>6s} {'x jacrev':>8s} "
         f"{'rel.diff':>8s}")
   speedup = row["summary"]["speedup"]
+  against = {r.get("diff_against") for r in row["methods"].values()} - {None, "jacrev"}
+  if against:  # the jacrev baseline did not run: kernels compared with another's
+    print(f"  (rel.diff against {against.pop()}'s kernel)")
   for name, r in row["methods"].items():
     if "error" in r or "skipped" in r:
       print(f"  {name:10s} {'ERROR ' + r['error'] if 'error' in r else 'skipped: ' + r['skipped']}")
@@ -454,9 +457,10 @@ def print_summary(rows, first_calls, anchors, quick=False) -> list[str]:
   if anchors is not None:
     head += ["NT-SD x", "torch.func x"]
   head += ["goal x"]
-  print("\nSpeed-ups (x) over the jacrev baseline, medians from one run:\n")
-  print("| " + " | ".join(head) + " |")
-  print("|" + "---|" * len(head))
+  if rows:
+    print("\nSpeed-ups (x) over the jacrev baseline, medians from one run:\n")
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
   failures = []
   for row in rows:
     s = row["summary"]
@@ -478,7 +482,7 @@ def print_summary(rows, first_calls, anchors, quick=False) -> list[str]:
     ratio = row.get("first_call_ratio")
     if ratio is not None and ratio > FIRST_CALL_RATIO:
       failures.append(f"{row['model']}: auto's first call {ratio:.1f}x jacobian's")
-  print("\nFirst calls (lower + compile):")
+  print("\nFirst calls (lower + compile):" if first_calls else "")
   for row in first_calls:
     m = row["methods"]
     plan = f"plan {row['plan_s']:.2f} s" if "plan_s" in row else "plan failed"
