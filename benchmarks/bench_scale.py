@@ -1,0 +1,172 @@
+"""Scale benchmarks (issue 10): tiles under a budget, streaming to disk, the jacobian method.
+
+    .venv/bin/python benchmarks/bench_scale.py [--part symmetric|stream|jacobian|all]
+        [--n N] [--memory 2GB] [--path kernel.npy]
+
+Each part runs in a fresh subprocess, so its peak resident memory (`resource.getrusage`,
+ru_maxrss: the high-water mark of the process) is its own; "growth" is that peak minus
+the resident memory after JAX, the model and the inputs were set up.
+
+- symmetric: the 4096 x 4096 kernel (trace over 10 outputs) of a 3-layer width-512 MLP
+  under max_memory="2GB", x2 omitted (upper tiles, mirrored) and x2 passed as a separate
+  copy of x1; time of each (compiles included, then a second, warm call) and the ratio.
+- stream: the 20 000 x 20 000 kernel of the same MLP written tile by tile into a .npy
+  memmap (numpy.lib.format.open_memmap), with the process's peak RSS.
+- jacobian: method="jacobian" at N = 1024 on a 3x256 MLP (per-example Jacobians ~6 GB)
+  under max_memory="1GB": time and peak memory growth.
+
+Run it on a quiet machine: timings of concurrent jobs mean little.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _rss_mb() -> float:
+  with open("/proc/self/statm") as f:
+    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _mlp(width: int, depth: int = 3, inputs: int = 32, outputs: int = 10):
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  def f(params, x):
+    for w, b in params[:-1]:
+      x = jnp.tanh(x @ w + b)
+    w, b = params[-1]
+    return x @ w + b
+
+  sizes = [inputs] + [width] * depth + [outputs]
+  rng = np.random.default_rng(0)
+  params = [(jnp.asarray(rng.normal(size=(a, b)) / np.sqrt(a), jnp.float32),
+             jnp.zeros(b, jnp.float32)) for a, b in zip(sizes[:-1], sizes[1:])]
+  return f, params
+
+
+def _inputs(n: int, dim: int = 32):
+  import jax.numpy as jnp
+  import numpy as np
+  return jnp.asarray(np.random.default_rng(1).normal(size=(n, dim)), jnp.float32)
+
+
+def part_symmetric(n: int, memory: str) -> dict:
+  import jax
+  import numpy as np
+  import ntk_compiler as nc
+  f, params = _mlp(512)
+  x = _inputs(n)
+  copy = jax.numpy.array(x, copy=True)
+  ntk = nc.compile_ntk(f, method="structured", max_memory=memory, progress=False)
+  est_sym, est_copy = ntk.estimate(params, x), ntk.estimate(params, x, copy)
+  base = _rss_mb()
+  result = {"n": n, "max_memory": memory, "estimate_symmetric": str(est_sym),
+            "estimate_copy": str(est_copy)}
+  kernels = {}
+  for name, x2 in (("symmetric", None), ("copy", copy)):
+    times = []
+    for _ in range(2):  # the first call compiles
+      start = time.perf_counter()
+      kernels[name] = ntk(params, x, x2)
+      times.append(time.perf_counter() - start)
+    result[f"{name}_first_s"], result[f"{name}_warm_s"] = times
+  result["ratio_warm"] = result["symmetric_warm_s"] / result["copy_warm_s"]
+  result["ratio_first"] = result["symmetric_first_s"] / result["copy_first_s"]
+  result["max_abs_diff"] = float(np.abs(kernels["symmetric"] - kernels["copy"]).max())
+  result["peak_rss_mb"], result["peak_growth_mb"] = _peak_mb(), _peak_mb() - base
+  return result
+
+
+def part_stream(n: int, memory: str, path: str | None) -> dict:
+  import numpy as np
+  import ntk_compiler as nc
+  f, params = _mlp(512)
+  x = _inputs(n)
+  ntk = nc.compile_ntk(f, method="structured", max_memory=memory, progress=False)
+  est = ntk.estimate(params, x)
+  with tempfile.TemporaryDirectory() as tmp:
+    target = path or os.path.join(tmp, "kernel.npy")
+    out = np.lib.format.open_memmap(target, mode="w+", dtype=np.float32, shape=(n, n))
+    base = _rss_mb()
+    start = time.perf_counter()
+    ntk(params, x, out=out)
+    out.flush()
+    seconds = time.perf_counter() - start
+    check = np.asarray(ntk(params, x[:64]))  # a corner, computed in one piece
+    diff = float(np.abs(np.asarray(out[:64, :64]) - check).max())
+    del out
+  return {"n": n, "max_memory": memory, "estimate": str(est), "seconds": seconds,
+          "corner_max_abs_diff": diff, "peak_rss_mb": _peak_mb(),
+          "peak_growth_mb": _peak_mb() - base}
+
+
+def part_jacobian(n: int, memory: str) -> dict:
+  import ntk_compiler as nc
+  f, params = _mlp(256)
+  x = _inputs(n)
+  ntk = nc.compile_ntk(f, method="jacobian", max_memory=memory, progress=False)
+  est = ntk.estimate(params, x)
+  base = _rss_mb()
+  start = time.perf_counter()
+  kernel = ntk(params, x)
+  seconds = time.perf_counter() - start
+  return {"n": n, "max_memory": memory, "estimate": str(est), "seconds": seconds,
+          "shape": list(kernel.shape), "peak_rss_mb": _peak_mb(),
+          "peak_growth_mb": _peak_mb() - base}
+
+
+PARTS = {"symmetric": (4096, "2GB"), "stream": (20000, "2GB"), "jacobian": (1024, "1GB")}
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--part", default="all", choices=[*PARTS, "all"])
+  parser.add_argument("--n", type=int, help="examples (default: the issue's)")
+  parser.add_argument("--memory", help="max_memory (default: the issue's)")
+  parser.add_argument("--path", help="stream: where to write the .npy (default: a temp file)")
+  parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  if args.child:
+    n, memory = PARTS[args.part]
+    n, memory = args.n or n, args.memory or memory
+    if args.part == "symmetric":
+      result = part_symmetric(n, memory)
+    elif args.part == "stream":
+      result = part_stream(n, memory, args.path)
+    else:
+      result = part_jacobian(n, memory)
+    print(json.dumps(result))
+    return
+  parts = list(PARTS) if args.part == "all" else [args.part]
+  for part in parts:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", "--part", part]
+    for flag in ("n", "memory", "path"):
+      if getattr(args, flag) is not None:
+        cmd += [f"--{flag}", str(getattr(args, flag))]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=_ROOT)
+    if done.returncode:
+      print(f"{part}: failed\n{done.stderr[-3000:]}")
+      continue
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"== {part}")
+    for key, value in result.items():
+      print(f"  {key}: {value:.4g}" if isinstance(value, float) else f"  {key}: {value}")
+
+
+if __name__ == "__main__":
+  main()
