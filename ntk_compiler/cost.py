@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+import os
+import time
 
 from jax import lax
 
@@ -28,16 +32,47 @@ def eqn_flops(eqn) -> int:
   return out
 
 
-def jaxpr_flops(jaxpr) -> int:
-  """Approximate FLOPs of one evaluation of a jaxpr, sub-jaxprs included."""
-  total = 0
+def family(eqn) -> str:
+  """The primitive family whose rate an equation runs at: "dot", "conv" or "other"."""
+  if eqn.primitive is lax.dot_general_p:
+    return "dot"
+  if eqn.primitive is lax.conv_general_dilated_p:
+    return "conv"
+  return "other"
+
+
+def jaxpr_family_flops(jaxpr) -> dict[str, int]:
+  """Approximate FLOPs of one evaluation of a jaxpr by primitive family (`family`),
+  sub-jaxprs included."""
+  total = {"dot": 0, "conv": 0, "other": 0}
   for eqn in compat.open_jaxpr(jaxpr).eqns:
     subs = list(compat.sub_jaxprs(eqn))
     if subs:
       # Branches: count the dearest; loops: count every trip we know of.
-      total += compat.trip_count(eqn) * max(jaxpr_flops(s) for s in subs)
+      inner = max((jaxpr_family_flops(s) for s in subs), key=lambda d: sum(d.values()))
+      for k, v in inner.items():
+        total[k] += compat.trip_count(eqn) * v
     else:
-      total += eqn_flops(eqn)
+      total[family(eqn)] += eqn_flops(eqn)
+  return total
+
+
+def jaxpr_flops(jaxpr) -> int:
+  """Approximate FLOPs of one evaluation of a jaxpr, sub-jaxprs included."""
+  return sum(jaxpr_family_flops(jaxpr).values())
+
+
+def jaxpr_bytes(jaxpr) -> int:
+  """Approximate bytes one evaluation of a jaxpr writes (every equation's outputs,
+  sub-jaxprs included): its memory traffic, up to the reads of those values."""
+  total = 0
+  for eqn in compat.open_jaxpr(jaxpr).eqns:
+    subs = list(compat.sub_jaxprs(eqn))
+    if subs:
+      total += compat.trip_count(eqn) * max(jaxpr_bytes(s) for s in subs)
+    else:
+      total += sum(_size(v.aval) * getattr(getattr(v.aval, "dtype", None), "itemsize", 4)
+                   for v in eqn.outvars)
   return total
 
 
@@ -54,3 +89,132 @@ def einsum_flops(operand_labels, result, sizes) -> int:
     return math.prod(shapes[0])
   _, info = opt_einsum.contract_path(expr, *shapes, shapes=True, optimize="auto")
   return int(info.opt_cost)
+
+
+# The machine: how fast this backend runs dense contractions and moves memory.
+
+@dataclasses.dataclass(frozen=True)
+class Machine:
+  """Rates of one backend, for turning FLOPs and bytes into estimated seconds.
+
+  Attributes:
+    backend: the JAX platform ("cpu", "gpu", "tpu").
+    flops_per_s: float32 matrix-product throughput (the "dot" family, and the
+      contractions the NTK methods add).
+    bytes_per_s: memory throughput of a large elementwise operation (read + write).
+    conv_flops_per_s: throughput of a 3x3 convolution over a batch (forward passes and
+      activation cotangents).
+    conv_grad_flops_per_s: throughput of per-example convolution weight gradients
+      (vmap of a VJP: what Jacobian methods compute for a conv layer).
+    measured: True when measured on this machine (a micro-benchmark, cached on disk),
+      False for the built-in defaults (NTK_COMPILER_CALIBRATE=0).
+  """
+  backend: str
+  flops_per_s: float
+  bytes_per_s: float
+  conv_flops_per_s: float
+  conv_grad_flops_per_s: float
+  measured: bool
+
+  def seconds(self, flops: float, nbytes: float = 0.0, conv: float = 0.0,
+              conv_grad: float = 0.0) -> float:
+    """A roofline-style estimate: compute time per family plus memory-traffic time."""
+    return (flops / self.flops_per_s + conv / self.conv_flops_per_s
+            + conv_grad / self.conv_grad_flops_per_s + nbytes / self.bytes_per_s)
+
+
+# Conservative rates when calibration is off (dot, bytes, conv, per-example conv grad).
+_DEFAULTS = {"cpu": (5e10, 1e10, 3e10, 1e10), "gpu": (2e13, 1e12, 1e13, 5e12),
+             "tpu": (5e13, 5e11, 3e13, 1e13)}
+_MACHINES: dict = {}
+
+
+def machine(backend: str | None = None) -> Machine:
+  """The rates of `backend` (default: JAX's default backend), measured once.
+
+  A short micro-benchmark (a 1024² float32 matmul, a 64 MB elementwise update, a 3x3
+  convolution and its per-example weight gradients: ~1 s on a CPU, compilation
+  included) runs the first time a backend is met; its result is cached in memory and
+  on disk ($NTK_COMPILER_CACHE, else $XDG_CACHE_HOME/ntk_compiler, else
+  ~/.cache/ntk_compiler), keyed by the device kind, core count and JAX version. The
+  environment variable NTK_COMPILER_CALIBRATE=0 uses built-in defaults instead.
+  """
+  import jax
+
+  backend = backend or jax.default_backend()
+  if backend in _MACHINES:
+    return _MACHINES[backend]
+  result = Machine(backend, *_DEFAULTS.get(backend, _DEFAULTS["cpu"]), measured=False)
+  if os.environ.get("NTK_COMPILER_CALIBRATE", "1") != "0":
+    result = _cached(backend) or _calibrate(backend)
+  _MACHINES[backend] = result
+  return result
+
+
+_RATES = ("flops_per_s", "bytes_per_s", "conv_flops_per_s", "conv_grad_flops_per_s")
+
+
+def _cache_file(backend: str) -> str:
+  import jax
+
+  root = os.environ.get("NTK_COMPILER_CACHE") or os.path.join(
+      os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ntk_compiler")
+  device = jax.devices(backend)[0]
+  kind = "".join(c if c.isalnum() else "_" for c in str(device.device_kind))
+  cores = os.cpu_count() if backend == "cpu" else jax.device_count(backend)
+  return os.path.join(root, f"machine-{backend}-{kind}-{cores}-jax{jax.__version__}.json")
+
+
+def _cached(backend: str) -> Machine | None:
+  try:
+    with open(_cache_file(backend)) as f:
+      data = json.load(f)
+    return Machine(backend, *(float(data[k]) for k in _RATES), measured=True)
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+
+
+def _calibrate(backend: str) -> Machine:
+  """Measures the rates of `backend` (best of a few runs each)."""
+  import jax
+  import jax.numpy as jnp
+
+  device = jax.devices(backend)[0]
+  put = lambda a: jax.device_put(a, device)
+  n, m = 1024, 1 << 24
+  a, v = put(jnp.ones((n, n), jnp.float32)), put(jnp.ones((m,), jnp.float32))
+  rates = {"flops_per_s": 2 * n ** 3 / _best_time(jax.jit(lambda a: a @ a), a),
+           "bytes_per_s": 2 * 4 * m / _best_time(jax.jit(lambda v: v * 0.5 + 1.0), v)}
+  b, hw, c = 16, 16, 32
+  x = put(jnp.ones((b, hw, hw, c), jnp.float32))
+  w = put(jnp.ones((3, 3, c, c), jnp.float32)) / (9 * c)
+  conv = lambda x, w: lax.conv_general_dilated(
+      x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  flops = 2 * b * hw * hw * 9 * c * c
+  rates["conv_flops_per_s"] = flops / _best_time(jax.jit(lambda x: conv(x, w)), x)
+
+  def weight_grads(x):  # per example: ∂<y, ct>/∂w, as vmap(vjp) computes them
+    def one(xi):
+      y, vjp = jax.vjp(lambda w: conv(xi[None], w), w)
+      return vjp(jnp.ones_like(y))[0]
+    return jax.vmap(one)(x)
+  rates["conv_grad_flops_per_s"] = flops / _best_time(jax.jit(weight_grads), x)
+  result = Machine(backend, *(rates[k] for k in _RATES), measured=True)
+  try:
+    path = _cache_file(backend)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+      json.dump(rates, f)
+  except OSError:
+    pass  # an unwritable cache only costs a re-measurement in the next process
+  return result
+
+
+def _best_time(fn, arg, repeats: int = 5) -> float:
+  fn(arg).block_until_ready()  # compile and warm up
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn(arg).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return max(best, 1e-9)

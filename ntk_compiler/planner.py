@@ -148,10 +148,11 @@ def plan(ntk_fn, params, x1, x2) -> Plan:
         "does not support through custom_vjp functions, and f calls one. Use "
         "method='structured', 'jacobian' or 'auto'.")
   if ntk_fn.method == "auto":
-    candidates = {m: c for m, c in estimate.flops.items()
+    candidates = {m: c for m, c in estimate.seconds.items()
                   if forward_ok or m != "ntk_vp"}
     method = min(candidates, key=candidates.get)
-    reason = "auto: the lowest estimated FLOPs" + (
+    reason = ("auto: the lowest estimated time (FLOPs and memory traffic at this "
+              "backend's measured rates)") + (
         "" if forward_ok else " (ntk_vp excluded: f calls a custom_vjp function)")
   else:
     method, reason = ntk_fn.method, "as requested"
@@ -206,56 +207,125 @@ def _raise_on_fallbacks(engine: analysis.Plan, params) -> None:
 
 
 def _estimate(problem: Problem, engine, engine2) -> Estimate:
-  """FLOP estimates of every available method, from shapes alone."""
-  def flops(x):
+  """FLOPs, memory traffic and seconds of every available method, from shapes alone.
+
+  The seconds come from the backend's measured rates (`cost.machine()`): matmul
+  FLOP/s and elementwise bytes/s. Per method, for one side of n examples whose output
+  has `size` entries, P parameters and a forward pass of F FLOPs (F/n per example):
+  - jacobian: the forward, one reverse pass per output entry (its activation and its
+    parameter cotangents: ~2 F/n), the per-example Jacobians (size x P) written and
+    read, and their contraction;
+  - ntk_vp: per entry of x2's output, a reverse pass at x2 and a forward-mode pass at
+    x1 (~3 F), with a parameter-sized cotangent each;
+  - structured: the forward, one reverse pass per output entry that stops at the
+    activations (~F/n: no parameter cotangents), the cotangents at the cuts written
+    and read, and each leaf's term, pairwise or materialised, whichever is cheaper.
+  """
+  methods = ("jacobian", "ntk_vp", "structured")
+  rates = cost.machine()
+  if not problem.layouts:  # no kernel entries to compute
+    zero = {m: 0.0 for m in methods}
+    return Estimate(dict(zero), frozenset(), {}, {}, dict(zero), dict(zero))
+
+  def forward(x):
     abstract = jax.tree_util.tree_map(
         lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)),
         (problem.params, x))
-    return cost.jaxpr_flops(jax.make_jaxpr(problem.f)(*abstract))
+    jaxpr = jax.make_jaxpr(problem.f)(*abstract)
+    return cost.jaxpr_family_flops(jaxpr), cost.jaxpr_bytes(jaxpr)
 
-  if not problem.layouts:  # no kernel entries to compute
-    return Estimate({m: 0.0 for m in ("jacobian", "ntk_vp", "structured")},
-                    frozenset(), {}, {})
-  fp1 = flops(problem.x1)
-  fp2 = fp1 if problem.symmetric else flops(problem.x2)
   n1, n2 = max(problem.shapes1[0][0], 1), max(problem.shapes2[0][0], 1)
-  per1, per2 = (fp1 / n1, fp2 / n2) if problem.batch_independent else (fp1, fp2)
+  fam1, fb1 = forward(problem.x1)
+  fam2, fb2 = (fam1, fb1) if problem.symmetric else forward(problem.x2)
   size1 = sum(_prod(s) for s in problem.shapes1)
   size2 = sum(_prod(s) for s in problem.shapes2)
+  sides = [(fam1, fb1, n1, size1)] + ([] if problem.symmetric else [(fam2, fb2, n2, size2)])
+  sizes = [size for *_, size in sides]
+  # One reverse pass per output entry (per example when f is: the rest of the batch is
+  # not differentiated), family by family.
+  reverse = {"dot": 0.0, "conv": 0.0, "other": 0.0}
+  reverse_bytes = 0.0
+  for fam, fb, n, size in sides:
+    per = n if problem.batch_independent else 1
+    for k in reverse:
+      reverse[k] += size * fam[k] / per
+    reverse_bytes += 2 * size * fb / per
+  forward_flops = sum(sum(fam.values()) for fam, *_ in sides)
   num_params = sum(_prod(jnp.shape(w)) for w in jax.tree_util.tree_leaves(problem.params))
   contraction = sum(
-      _prod(l.kernel_shape(s1, s2)) * l.trace_size(s1) * num_params
+      2 * _prod(l.kernel_shape(s1, s2)) * l.trace_size(s1) * num_params
       for l, s1, s2 in zip(problem.layouts, problem.shapes1, problem.shapes2))
-  # One reverse pass per output entry costs ~3 forward passes.
-  cotangents = 3 * (size1 * per1 + (0 if problem.symmetric else size2 * per2))
-  estimates = {"jacobian": cotangents + contraction, "ntk_vp": 3 * size2 * (fp1 + per2)}
-  if engine is None:
-    return Estimate(estimates, frozenset(), {}, {})
+  # The activation cotangents of every method's reverse passes; Jacobian contraction
+  # also takes the parameter cotangents (about as many FLOPs again; those of
+  # convolutions per example, at that rate).
+  activations = dict(flops=forward_flops + reverse["dot"] + reverse["other"],
+                     conv=reverse["conv"])
+  flops = {"jacobian": forward_flops + 2 * sum(reverse.values()) + contraction,
+           "ntk_vp": 3 * size2 * (sum(fam1.values()) + sum(fam2.values()) / (
+               n2 if problem.batch_independent else 1))}
+  nbytes = {"jacobian": reverse_bytes + 8 * num_params * sum(sizes),
+            "ntk_vp": size2 * (2 * fb2 / (n2 if problem.batch_independent else 1)
+                               + 2 * fb1 + 8 * num_params)}
+  seconds = {
+      "jacobian": rates.seconds(activations["flops"] + reverse["dot"] + contraction,
+                                nbytes["jacobian"], conv=activations["conv"],
+                                conv_grad=reverse["conv"]),
+      "ntk_vp": rates.seconds(flops["ntk_vp"], nbytes["ntk_vp"])}
   materialise, kinds, leaf_flops = set(), {}, {}
-  structured = cotangents
-  for leaf in range(engine.num_params):
-    if not engine.uses_of(leaf):
-      continue
-    pair = mat = 0
-    for layout, s1, s2 in zip(problem.layouts, problem.shapes1, problem.shapes2):
-      p, m = analysis.leaf_costs(engine, engine2 or engine, leaf, layout, s1, s2,
-                                 problem.batch_independent, problem.symmetric)
-      pair, mat = pair + p, mat + m
-    if mat < pair:
-      materialise.add(leaf)
-    kinds[leaf] = "materialised" if mat < pair else "pairwise"
-    leaf_flops[leaf] = min(pair, mat)
-    structured += min(pair, mat)
-  estimates["structured"] = structured
-  return Estimate(estimates, frozenset(materialise), kinds, leaf_flops)
+  pairwise_flops, materialised_flops = {}, {}
+  if engine is not None:
+    cut_bytes = sum(8 * _prod(c.shape) for c in engine.cuts) * sum(sizes)
+    structured_flops = activations["flops"] + activations["conv"]
+    structured_bytes = reverse_bytes + cut_bytes
+    for leaf in range(engine.num_params):
+      if not engine.uses_of(leaf):
+        continue
+      pair = mat = 0
+      for layout, s1, s2 in zip(problem.layouts, problem.shapes1, problem.shapes2):
+        p, m = analysis.leaf_costs(engine, engine2 or engine, leaf, layout, s1, s2,
+                                   problem.batch_independent, problem.symmetric)
+        pair, mat = pair + p, mat + m
+      mat_bytes = 8 * _prod(engine.leaf_shapes[leaf]) * sum(sizes)
+      chosen_mat = rates.seconds(mat, mat_bytes) < rates.seconds(pair, 0)
+      if chosen_mat:
+        materialise.add(leaf)
+      kinds[leaf] = "materialised" if chosen_mat else "pairwise"
+      pairwise_flops[leaf], materialised_flops[leaf] = pair, mat
+      leaf_flops[leaf] = mat if chosen_mat else pair
+      structured_flops += leaf_flops[leaf]
+      structured_bytes += mat_bytes if chosen_mat else 0
+    flops["structured"] = structured_flops
+    nbytes["structured"] = structured_bytes
+    seconds["structured"] = rates.seconds(
+        structured_flops - activations["conv"], structured_bytes, conv=activations["conv"])
+  return Estimate(flops, frozenset(materialise), kinds, leaf_flops, nbytes, seconds,
+                  pairwise_flops, materialised_flops, rates)
 
 
 @dataclasses.dataclass(frozen=True)
 class Estimate:
+  """The cost model's view of one signature.
+
+  Attributes:
+    flops: estimated FLOPs of each method.
+    materialise: the leaves whose structured term is materialised (ct·∂y/∂w per
+      example, then contracted) rather than pairwise.
+    kinds: per leaf, "pairwise" or "materialised".
+    leaf_flops: per leaf, the FLOPs of the term chosen.
+    bytes: estimated memory traffic of each method.
+    seconds: estimated seconds of each method on this backend (`machine`'s rates).
+    pairwise_flops, materialised_flops: per leaf, both alternatives.
+    machine: the backend's rates the seconds come from.
+  """
   flops: dict[str, float]
   materialise: frozenset
   kinds: dict[int, str]
   leaf_flops: dict[int, int]
+  bytes: dict[str, float] = dataclasses.field(default_factory=dict)
+  seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+  pairwise_flops: dict[int, int] = dataclasses.field(default_factory=dict)
+  materialised_flops: dict[int, int] = dataclasses.field(default_factory=dict)
+  machine: Any = None
 
 
 def _prod(shape) -> int:
