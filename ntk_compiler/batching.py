@@ -10,6 +10,14 @@ a causal mask): anything else is a position-dependent constant. Control flow is 
 recursively; loop carries are iterated to a fixed point. The analysis is sound, not
 complete: a value it cannot follow counts as mixed.
 
+The rules here are for the primitives whose facts need more than "per-example or not"
+(which axes a constant is constant along, reductions, indexing, control flow). Any
+other primitive's fact is derived from JAX's own batching rule (`_derived`): where
+`jax.vmap` of the primitive over the batch axis traces back to the very equation, the
+equation is per-example, since that is what vmap computes. So a primitive added to JAX
+or a user's primitive with a batching rule needs no entry here. The lookup
+`x[arange(N), ids]` (each example's own row) is followed through positions (`State`).
+
 What is proven (`infer`). The per-example path computes row i of f(params, x) at batch
 size N as f(params, x[i:i+1])[0]: it runs f at N (ntk_vp's linearisation, shapes) and
 at 1 (every per-example Jacobian, VJP and structured plan). So f is traced at
@@ -76,10 +84,22 @@ class Decision:
 
 @dataclasses.dataclass(frozen=True)
 class State:
-  """What one value depends on: the batch axis, or None; or the reason it is mixed."""
+  """What one value depends on: the batch axis, or None; or the reason it is mixed.
+
+  Three facts about values serve the lookup `x[..., jnp.arange(N), ...]` (Flax's
+  `nn.RNN(seq_lengths=...)` picks each example's last carry so), whose index is not
+  per-example but is the example's own position: `pos` (unbatched: the value is the
+  position along this axis, an iota), `never` (every entry is False), and `index` (a
+  batched index vector along the last axis whose entries are per-example ('b') or the
+  position along the batch axis ('p'); only a gather may read it).
+  """
   axis: int | None = None
   const: frozenset = frozenset()  # unbatched only: axes the value is constant along
   mixed: str | None = None
+  pos: int | None = None  # unbatched only: value[i...] = i[pos]
+  never: bool = False  # every entry is False
+  index: tuple | None = None  # batched only: 'b' / 'p' per entry of the last axis
+  origin: str | None = None  # for messages: the equation positions come from
 
 
 UNBATCHED = State()
@@ -158,6 +178,8 @@ def _verdict(outs: list[State]) -> Decision:
   for k, s in enumerate(outs):
     if s.mixed is not None:
       return Decision(False, f"output {k}: {s.mixed}")
+    if s.index is not None:
+      return Decision(False, f"output {k} holds positions along the batch axis")
     if s.axis is None:
       return Decision(False, f"output {k} does not depend on the batch")
     if s.axis != 0:
@@ -176,8 +198,10 @@ def _walk(jaxpr, in_states: Sequence[State], prefix: tuple,
     env[v] = s
   read = lambda a: UNBATCHED if isinstance(a, compat.Literal) else env.get(a, UNBATCHED)
   for i, eqn in enumerate(jaxpr.eqns):
-    ins = [read(a) for a in eqn.invars]
     path = prefix + (i,)
+    ins = [State(mixed=f"{_where(eqn, path)} uses the batch size as a value")
+           if sizes is not None and (path, "literal", j) in sizes else read(a)
+           for j, a in enumerate(eqn.invars)]
     outs = _apply(eqn, ins, path, sizes)
     for v, s in zip(eqn.outvars, outs):
       if sizes is not None:
@@ -205,10 +229,16 @@ def _where(eqn, path: tuple) -> str:
 
 def _apply(eqn, ins: list[State], path: tuple, sizes: dict | None) -> list[State]:
   n = len(eqn.outvars)
+  where = _where(eqn, path)
+  if (eqn.primitive is lax.select_n_p and len(ins) == 3 and ins[0].never
+      and _shape(eqn.invars[1]) == _shape(eqn.outvars[0])):
+    return [ins[1]]  # the predicate is False everywhere: case 0, whatever case 1 is
   mixed = next((s for s in ins if s.mixed is not None), None)
   if mixed is not None:
     return [mixed] * n
-  where = _where(eqn, path)
+  if any(s.index is not None for s in ins) and eqn.primitive is not lax.gather_p:
+    return [State(mixed=f"{where} uses positions along the batch axis other than as "
+                        "the index of a gather")] * n
   rule = _RULES.get(eqn.primitive)
   if rule is None and (compat.call_body(eqn) is not None or eqn.primitive in _CUSTOM):
     rule = _call
@@ -224,6 +254,10 @@ def _apply(eqn, ins: list[State], path: tuple, sizes: dict | None) -> list[State
   except (KeyError, AttributeError, IndexError, TypeError, ValueError) as e:
     return [State(mixed=f"{where}: its batching rule failed ({type(e).__name__}: {e})")] * n
   assert len(outs) == n, where
+  origin = next((s.origin for s in ins if s.origin), None)
+  if origin:  # positions that lose their meaning here: say where they came from
+    outs = [dataclasses.replace(o, origin=o.origin or origin)
+            if o.mixed is None and o.axis is None else o for o in outs]
   return list(outs)
 
 
@@ -253,10 +287,13 @@ def _sized(s: State, axes: frozenset | str | None, where: str) -> State:
     return State(mixed=f"{where} builds a value with the batch size on several axes "
                        f"{sorted(axes)}")
   k, = axes
+  if s.pos == k:  # the position along the batch axis: only a gather may use it (`index`)
+    return s if s.origin else dataclasses.replace(s, origin=where)
   if k not in s.const:
+    source = f": positions from {s.origin}" if s.origin else ""
     return State(mixed=f"{where} builds a value from the batch size that varies along "
-                       f"its axis {k} (a position-dependent constant)")
-  return State(k)
+                       f"its axis {k} (a position-dependent constant{source})")
+  return State(k, never=s.never)
 
 
 # Helpers shared by the rules.
@@ -304,6 +341,15 @@ def _map_const(s: State, shape: tuple, where: Callable[[int], int | None]) -> fr
   return frozenset(b for b in map(where, axes) if b is not None)
 
 
+def _is_zero(atom) -> bool:
+  if not isinstance(atom, compat.Literal) or _shape(atom):
+    return False
+  try:
+    return bool(np.asarray(atom.val) == 0)
+  except Exception:  # noqa: BLE001 - not a number
+    return False
+
+
 # Elementwise and identity-like primitives.
 
 _ELEMENTWISE = (
@@ -324,6 +370,13 @@ _ELEMENTWISE = (
 @_register(_ELEMENTWISE)
 def _elementwise(eqn, ins, sub):
   out = _shape(eqn.outvars[0])
+  if (eqn.primitive is lax.lt_p and ins[0].pos is not None and ins[1] == UNBATCHED
+      and _is_zero(eqn.invars[1])):  # a position is never negative
+    return [State(const=frozenset(range(len(out))), never=True)]
+  if eqn.primitive is lax.convert_element_type_p and ins[0].pos is not None:
+    dtype = np.dtype(eqn.outvars[0].aval.dtype)
+    if np.issubdtype(dtype, np.integer) and np.iinfo(dtype).max >= out[ins[0].pos] - 1:
+      return [ins[0]]  # the positions, in another integer type that holds them
   if any(len(_shape(x)) not in (0, len(out)) for x in eqn.invars):
     raise _Mixes("has operands of unexpected rank")
   ops = range(len(ins))
@@ -344,8 +397,8 @@ def _identity(eqn, ins, sub):
 
 @_register(("iota",))
 def _iota(eqn, ins, sub):
-  ndim = len(_shape(eqn.outvars[0]))
-  return [State(const=frozenset(range(ndim)) - {eqn.params["dimension"]})]
+  ndim, d = len(_shape(eqn.outvars[0])), eqn.params["dimension"]
+  return [State(const=frozenset(range(ndim)) - {d}, pos=d)]
 
 
 # Structural primitives.
@@ -358,7 +411,9 @@ def _broadcast_in_dim(eqn, ins, sub):
   dims = tuple(eqn.params["broadcast_dimensions"])
   if s.axis is None:
     new = frozenset(range(len(out))) - set(dims)
-    return [State(const=new | _map_const(s, shape, lambda a: dims[a]))]
+    pos = dims[s.pos] if s.pos is not None and out[dims[s.pos]] == shape[s.pos] else None
+    const = new | _map_const(s, shape, lambda a: dims[a])
+    return [State(const=const - {pos}, pos=pos)]
   k = dims[s.axis]
   if out[k] != shape[s.axis]:
     raise _Mixes(f"expands the batch axis {s.axis} from size {shape[s.axis]}")
@@ -529,12 +584,33 @@ def _tile(eqn, ins, sub):
 
 @_register(("concatenate",))
 def _concatenate(eqn, ins, sub):
+  index = _index_vector(eqn, ins)
+  if index is not None:
+    return [index]
   k = _common_axis(eqn, ins, range(len(ins)))
   if k is None:
     return _plain(eqn)
   if k == eqn.params["dimension"]:
     raise _Mixes(f"concatenates along the batch axis {k}")
   return [State(k)]
+
+
+def _index_vector(eqn, ins) -> State | None:
+  """Per-example indices and positions along the batch axis k, side by side along
+  the last axis: an index vector of per-example ('b') and position ('p') entries."""
+  d = eqn.params["dimension"]
+  if d != len(_shape(eqn.outvars[0])) - 1 or not any(s.pos is not None for s in ins):
+    return None
+  axes = {s.axis if s.axis is not None else s.pos for s in ins}
+  if len(axes) != 1 or None in axes or d in axes:
+    return None
+  k, = axes
+  entries = []
+  for s, v in zip(ins, eqn.invars):
+    if s.index is not None or (s.axis is None and s.pos != k):
+      return None
+    entries += ["p" if s.axis is None else "b"] * _shape(v)[d]
+  return State(k, index=tuple(entries))
 
 
 @_register(("dynamic_slice",))
@@ -653,6 +729,8 @@ def _gather(eqn, ins, sub):
   (op, idx), dn = ins, eqn.params["dimension_numbers"]
   os_, is_, out = _shape(eqn.invars[0]), _shape(eqn.invars[1]), _shape(eqn.outvars[0])
   batch_pos = [j for j in range(len(out)) if j not in dn.offset_dims]
+  if idx.index is not None:
+    return [_positional_gather(eqn, op, idx, batch_pos)]
   if op.axis is None and idx.axis is None:
     return _plain(eqn)
   if idx.axis is not None:  # E[tokens], or both batched on paired batching dims
@@ -678,6 +756,23 @@ def _gather(eqn, ins, sub):
   window = [a for a in range(len(os_))
             if a not in dn.collapsed_slice_dims and a not in dn.operand_batching_dims]
   return [State(dn.offset_dims[window.index(k)])]
+
+
+def _positional_gather(eqn, op: State, idx: State, batch_pos: list) -> State:
+  """x[..., arange(N), ...]: row i of a gather whose index vector holds the position i
+  along the batch axis (the 'p' entry) picks row i of x along x's batch axis, and
+  reads example i's own indices for the other axes ('b' entries): per-example."""
+  dn = eqn.params["dimension_numbers"]
+  os_, is_ = _shape(eqn.invars[0]), _shape(eqn.invars[1])
+  p = [j for j, e in enumerate(idx.index) if e == "p"]
+  if (len(p) != 1 or idx.axis == len(is_) - 1 or len(idx.index) != is_[-1]
+      or tuple(getattr(dn, "operand_batching_dims", ())) or op.axis is None):
+    raise _Mixes("indexes by positions along the batch axis in a way the pass cannot "
+                 "follow")
+  a = dn.start_index_map[p[0]]
+  if op.axis != a or a not in dn.collapsed_slice_dims or eqn.params["slice_sizes"][a] != 1:
+    raise _Mixes("indexes an axis other than the batch axis by positions along it")
+  return State(batch_pos[idx.axis])
 
 
 @_register(("scatter", "scatter_add", "scatter_sub", "scatter_mul", "scatter_min",
@@ -1058,8 +1153,11 @@ def _align_eqn(e, g, prefix: tuple, i: int, n: int, sizes_a: dict, sizes_b: dict
                    f"size {n} but {g.primitive} at batch size 1")
   if (len(e.invars), len(e.outvars)) != (len(g.invars), len(g.outvars)):
     raise _Differs(f"{where} has other operands at batch size 1")
-  for x, y in zip(e.invars, g.invars):
-    _same_atom(x, y, where, n)
+  for j, (x, y) in enumerate(zip(e.invars, g.invars)):
+    if _batch_size_literals(x, y, n):  # the walk treats it as mixed (`_walk`)
+      sizes_a[(prefix + (i,), "literal", j)] = sizes_b[(prefix + (i,), "literal", j)] = n
+    else:
+      _same_atom(x, y, where, n)
   if e.params.keys() != g.params.keys():
     raise _Differs(f"{where} has other params at batch size 1")
   for key, x in e.params.items():
@@ -1083,6 +1181,19 @@ def _align_bodies(x, y, path: tuple, n: int, sizes_a: dict, sizes_b: dict, where
       continue
     (ju, cu), (jv, cv) = _parts(u), _parts(v)
     _align_jaxpr(ju, jv, cu, cv, path, n, sizes_a, sizes_b)
+
+
+def _batch_size_literals(x, y, n: int) -> bool:
+  """Integer scalar literals that are n in one program and 1 in the other (the batch
+  size, e.g. `i + N` normalising a negative index into the batch axis)."""
+  if not (isinstance(x, compat.Literal) and isinstance(y, compat.Literal)):
+    return False
+  if _shape(x) or _shape(y) or not np.issubdtype(x.aval.dtype, np.integer):
+    return False
+  try:
+    return (int(x.val), int(y.val)) == (n, 1) and x.aval.dtype == y.aval.dtype
+  except Exception:  # noqa: BLE001 - not a number
+    return False
 
 
 def _same_atom(x, y, where: str, n: int) -> None:

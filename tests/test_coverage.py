@@ -214,3 +214,113 @@ def test_flax_rnn_with_seq_lengths():
     lengths = jnp.sum(jnp.abs(x[..., 0]) > 0.3, axis=1)
     return rnn.apply(p, x, seq_lengths=lengths)[:, -1]
   check(f, variables, x, rand(2, 4, 2, seed=1), no_fallback=True)
+
+
+def test_flax_rnn_last_carry_at_seq_lengths():
+  """return_carry with seq_lengths picks carries[len - 1, arange(N)]: per-example."""
+  rnn, variables, x = _flax_rnn(return_carry=True)
+
+  def f(p, x):
+    lengths = jnp.sum(jnp.abs(x[..., 0]) > 0.3, axis=1)
+    return rnn.apply(p, x, seq_lengths=lengths)[0]
+  check(f, variables, x, rand(2, 4, 2, seed=1))
+
+
+# Positions along the batch axis: x[arange(N), idx] is per-example; other uses of
+# positions or of the batch size as a value are not.
+
+def decide(f, params, x):
+  from ntk_compiler import batching, trace
+
+  def trace_at(n):
+    shaped = jax.ShapeDtypeStruct((n,) + x.shape[1:], x.dtype)
+    return trace.trace_program(f, params, shaped, per_example=False)
+  return batching.infer(trace_at, len(jax.tree.leaves(params)), x.shape[0])
+
+
+def _cube(p, x):
+  return jnp.tanh(x @ p)[:, :, None] * x[:, None, :]  # (N, 4, 3)
+
+
+def _ids(h):
+  return (jnp.abs(h[:, 0]) * 7).astype(jnp.int32) % h.shape[1]
+
+
+POSITIONAL = {
+    "own_row": (lambda p, x: jnp.tanh(x @ p)[jnp.arange(x.shape[0]), _ids(x @ p)], True),
+    "own_row_time_major": (lambda p, x: jnp.swapaxes(jnp.tanh(x @ p)[:, :, None] * x[:, None],
+                                                     0, 1)[_ids(x), jnp.arange(x.shape[0])],
+                           True),
+    "reversed_rows": (lambda p, x: (x @ p)[jnp.arange(x.shape[0])[::-1], _ids(x)], False),
+    "next_row": (lambda p, x: (x @ p)[(jnp.arange(x.shape[0]) + 1) % x.shape[0],
+                                      _ids(x)], False),
+    "own_row_on_axis_1": (lambda p, x: jnp.swapaxes(_cube(p, x), 0, 1)[
+        _ids(x), jnp.arange(x.shape[0])], True),
+    "positions_index_features": (lambda p, x: _cube(p, x)[
+        _ids(x).astype(jnp.uint32), jnp.arange(x.shape[0], dtype=jnp.uint32)], False),
+    "positions_as_values": (lambda p, x: (x @ p) * jnp.arange(x.shape[0])[:, None], False),
+    "two_positions": (lambda p, x: _cube(p, x)[jnp.arange(x.shape[0]),
+                                               jnp.arange(x.shape[0])], False),
+    "positions_in_output": (lambda p, x: (x @ p, jnp.stack([jnp.arange(x.shape[0]),
+                                                           _ids(x)], 1) * 1.0), False),
+}
+
+
+@pytest.mark.parametrize("name", list(POSITIONAL))
+def test_positions_along_the_batch_axis(name):
+  f, independent = POSITIONAL[name]
+  d = decide(f, rand(3, 4), rand(5, 3, seed=1))
+  assert d.independent == independent, d.reason
+
+
+@full
+def test_positional_lookup_against_the_oracle():
+  f, _ = POSITIONAL["own_row"]
+  check(lambda p, x: f(p, x)[:, None], rand(3, 4), rand(5, 3, seed=1), rand(2, 3, seed=2))
+
+
+# A gather indexing two axes at once (`table[i, j]`), and take_along_axis in 2-D.
+
+def _ids2(x, n, column):
+  return (jnp.abs(x[..., column]) * 5).astype(jnp.int32) % n
+
+
+def table_2d(p, x):
+  h = p["t"][_ids2(x, 5, 0), _ids2(x, 6, 1)]          # (N, T, D)
+  return jnp.tanh(h.sum(1) * x[:, 0, 2:]) @ p["v"]
+
+
+def along_axis(p, x):
+  t = jnp.broadcast_to(p["t2"], (x.shape[0],) + p["t2"].shape)  # (N, 5, 6)
+  h = jnp.take_along_axis(t, _ids2(x, 6, 1)[:, None, :2].repeat(5, 1), axis=2)
+  return jnp.tanh(h.reshape(x.shape[0], -1)) @ p["v2"]
+
+
+TABLES = {"t": rand(5, 6, 2), "v": rand(2, 2, seed=1), "t2": rand(5, 6, seed=2),
+          "v2": rand(10, 2, seed=3)}
+
+
+def test_two_axis_lookup():
+  params = {k: TABLES[k] for k in ("t", "v")}
+  e = check(table_2d, params, rand(4, 3, 3, seed=4), rand(2, 3, 3, seed=5),
+            no_fallback=True)
+  t, = [leaf for leaf in e.leaves if "'t'" in leaf.path]
+  assert all("gather" in u.steps for u in t.uses), t.uses
+
+
+@full
+def test_take_along_axis_2d():
+  """No dense fallback. Not proven per-example: JAX gathers differently at batch size
+  1 (a size-1 index axis is broadcast, not batched), so the two programs differ."""
+  params = {k: TABLES[k] for k in ("t2", "v2")}
+  check(along_axis, params, rand(4, 3, 3, seed=4), per_example=False, no_fallback=True)
+
+
+@pytest.mark.parametrize("mode", [None, "clip", "fill"])
+def test_two_axis_lookup_rule(mode):
+  table = jnp.arange(60.).reshape(5, 6, 2)
+  ids = (jnp.array([0, 4, 4, 2, 7, -1]), jnp.array([5, 0, 5, 1, 1, 9]))
+  f = (lambda t, i, j: t[i, j]) if mode is None else (
+      lambda t, i, j: t.at[i, j].get(mode=mode))
+  check_ = nc.check_rule(jax.lax.gather_p, f, table, *ids)
+  assert check_.structure == Structure(trace=((1, 2),)) and check_.max_error == 0

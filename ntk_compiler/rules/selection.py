@@ -95,6 +95,8 @@ def gather_rule(eqn: EqnInfo, operand: int) -> RuleResult | None:
   i_batch = tuple(getattr(dn, "start_indices_batching_dims", ()))
   a = _indexed_axis(w_shape, windows, index_map, w_batch)
   collapsed = tuple(dn.collapsed_slice_dims)
+  if a is None and not w_batch:
+    return _point_lookup(eqn)
   if a is None or any(d != a for d in collapsed):
     return None
   kept = [d for d in range(len(w_shape)) if d not in collapsed and d not in w_batch]
@@ -118,6 +120,36 @@ def gather_rule(eqn: EqnInfo, operand: int) -> RuleResult | None:
       return start
     return _window(start, windows[a], window_axis)
   return RuleResult(structure, positions, reads=(1,), one_hot=len(y_free) + len(diagonal))
+
+
+def _point_lookup(eqn: EqnInfo) -> RuleResult | None:
+  """y[b..., o...] = w[i0_b, i1_b, ..., o...] (`table[i, j]`): the axes copied whole
+  trace; the factor is Π_a [i_a,b = v_a], an outer product of one-hot vectors over the
+  indexed axes of w only (none over the axes copied whole)."""
+  dn = eqn.params["dimension_numbers"]
+  w_shape, y_ndim = eqn.in_avals[0].shape, len(eqn.out_aval.shape)
+  windows, index_map = eqn.params["slice_sizes"], tuple(dn.start_index_map)
+  collapsed = tuple(dn.collapsed_slice_dims)
+  if sorted(collapsed) != sorted(index_map) or any(windows[d] != 1 for d in collapsed):
+    return None
+  if any(windows[d] != w_shape[d] for d in range(len(w_shape)) if d not in collapsed):
+    return None
+  kept = [d for d in range(len(w_shape)) if d not in collapsed]
+  structure = Structure(trace=tuple(zip(dn.offset_dims, kept)))
+  if structure.y_free(y_ndim) != tuple(y for y in range(y_ndim)
+                                       if y not in dn.offset_dims):
+    return None
+  free = structure.w_free(len(w_shape))  # the indexed axes, ascending
+  mode, dtype = eqn.params["mode"], eqn.out_aval.dtype
+
+  def factor(w, indices):
+    out = jnp.ones((), dtype)
+    for k, d in enumerate(free):
+      start = _starts(indices, index_map.index(d), w_shape, windows, index_map, mode)
+      hot = jnp.asarray(start[..., None] == jnp.arange(w_shape[d]), dtype)
+      out = out[..., None] * hot.reshape(hot.shape[:-1] + (1,) * k + hot.shape[-1:])
+    return out
+  return RuleResult(structure, factor, reads=(1,))
 
 
 @register_rule(lax.dynamic_slice_p)
