@@ -2,8 +2,8 @@
 
 For a model function `mlp` the files are
 
-    mlp.jaxpr.txt         f's own jaxpr at (params, x1)
-    mlp.ntk.jaxpr.txt     the NTK program's jaxpr (what XLA is given)
+    mlp.jaxpr.txt         f's own jaxpr at (params, x1), with the source line of each step
+    mlp.ntk.jaxpr.txt     the NTK program's jaxpr (what XLA is given), with named scopes
     mlp.stablehlo.mlir    the NTK program lowered to StableHLO (module `jit_ntk_mlp`)
     mlp.hlo.txt           XLA's optimised HLO, after compilation
     mlp.cost.txt          XLA's own cost and memory analysis of the compiled program
@@ -38,8 +38,8 @@ def dump(ntk_fn, directory: str | os.PathLike, params: Any, x1: Any,
   name = ntk_fn.name
   texts = {}
   user_f = getattr(ntk_fn, "user_f", ntk_fn.f)
-  texts["jaxpr"] = str(jax.make_jaxpr(user_f)(params, x1))
-  texts["ntk_jaxpr"] = str(ntk_fn.jaxpr(params, x1, x2))
+  texts["jaxpr"] = jaxpr_text(jax.make_jaxpr(user_f)(params, x1), source_info=True)
+  texts["ntk_jaxpr"] = jaxpr_text(ntk_fn.jaxpr(params, x1, x2), name_stack=True)
   lowered = ntk_fn.lower(params, x1, x2)
   texts["stablehlo"] = lowered.as_text()
   compiled = lowered.compile()
@@ -54,6 +54,15 @@ def dump(ntk_fn, directory: str | os.PathLike, params: Any, x1: Any,
     path.write_text(texts[kind].rstrip("\n") + "\n", encoding="utf-8")
     paths[kind] = path
   return paths
+
+
+def jaxpr_text(closed, **options) -> str:
+  """A jaxpr as text; `source_info=True` adds each equation's source line, and
+  `name_stack=True` its named scope (`ntk/...`) as comments."""
+  try:
+    return closed.pretty_print(use_color=False, **options)
+  except TypeError:  # a JAX without these printing options
+    return str(closed)
 
 
 def cost_report(compiled) -> str:
