@@ -1,0 +1,146 @@
+"""The cost model and the cut placement of the performance issue (9): the backend's
+measured rates, auto's choice by estimated time, fan-outs cut once (diamonds, residual
+stacks, attention blocks: uses linear in the program), each against the oracle."""
+
+import time
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import ntk_compiler as nc
+from ntk_compiler import cost
+from oracle import assert_matches, oracle_ntk
+from tiers import full
+
+
+def _normal(shape, seed):
+  return jax.random.normal(jax.random.PRNGKey(seed), shape)
+
+
+def test_calibration_measures_positive_rates_and_caches_them(tmp_path, monkeypatch):
+  monkeypatch.setenv("NTK_COMPILER_CACHE", str(tmp_path))
+  monkeypatch.setenv("NTK_COMPILER_CALIBRATE", "1")
+  monkeypatch.setattr(cost, "_MACHINES", {})
+  measured = cost.machine("cpu")
+  assert measured.measured and measured.backend == "cpu"
+  for name in cost._RATES:
+    assert 1e6 < getattr(measured, name) < 1e16, name
+  assert len(list(tmp_path.iterdir())) == 1
+  monkeypatch.setattr(cost, "_MACHINES", {})
+  monkeypatch.setattr(cost, "_calibrate", lambda backend: pytest.fail("not cached"))
+  assert cost.machine("cpu") == measured  # read back from the disk cache
+
+
+def test_defaults_when_calibration_is_off(monkeypatch):
+  monkeypatch.setenv("NTK_COMPILER_CALIBRATE", "0")
+  monkeypatch.setattr(cost, "_MACHINES", {})
+  rates = cost.machine("cpu")
+  assert not rates.measured
+  assert rates.seconds(rates.flops_per_s, rates.bytes_per_s) == pytest.approx(2.0)
+
+
+def test_family_flops_split_dots_convs_and_the_rest():
+  def f(w, k, x):
+    y = jax.lax.conv_general_dilated(x, k, (1, 1), "SAME")
+    return jnp.tanh(y.reshape(x.shape[0], -1) @ w)
+  x, k, w = jnp.ones((2, 3, 8, 8)), jnp.ones((4, 3, 3, 3)), jnp.ones((256, 5))
+  flops = cost.jaxpr_family_flops(jax.make_jaxpr(f)(w, k, x))
+  assert flops["conv"] == 2 * 2 * 4 * 8 * 8 * 27
+  assert flops["dot"] == 2 * 2 * 5 * 256
+  assert flops["other"] == 2 * 4 * 8 * 8 + 2 * 5  # one per output entry: reshape, tanh
+  assert cost.jaxpr_flops(jax.make_jaxpr(f)(w, k, x)) == sum(flops.values())
+
+
+def _mlp(params, x):
+  h = jnp.tanh(x @ params["w0"])
+  return h @ params["w1"]
+
+
+@pytest.mark.parametrize("trace_axes", [(-1,), pytest.param((), marks=full)])
+def test_auto_picks_the_lowest_estimated_time(trace_axes):
+  params = {"w0": _normal((6, 16), 0) / 3, "w1": _normal((16, 3), 1) / 4}
+  x1, x2 = _normal((5, 6), 2), _normal((4, 6), 3)
+  ntk_fn = nc.compile_ntk(_mlp, trace_axes=trace_axes)
+  plan = ntk_fn.plan(params, x1, x2)
+  seconds = plan.estimate.seconds
+  assert set(seconds) == {"jacobian", "ntk_vp", "structured"}
+  assert plan.method == min(seconds, key=seconds.get)
+  assert all(plan.estimate.bytes[m] > 0 for m in seconds)
+  explained = str(ntk_fn.explain(params, x1, x2))
+  assert "seconds" in explained and "bytes" in explained
+  assert_matches(ntk_fn(params, x1, x2),
+                 oracle_ntk(_mlp, params, x1, x2, trace_axes=trace_axes), 1e-10)
+
+
+def _diamonds(depth):
+  def f(p, x):
+    h = x @ p["w0"]
+    for _ in range(depth):
+      h = h + jnp.flip(h, -1)  # a linear diamond: two paths from h that meet again
+    return jnp.tanh(h) @ p["w1"]
+  return f
+
+
+def test_diamonds_give_one_use_per_leaf_and_plan_in_linear_time():
+  params = {"w0": _normal((4, 6), 0) / 2, "w1": _normal((6, 3), 1) / 3}
+  x1, x2 = _normal((3, 4), 2), _normal((2, 4), 3)
+  times = {}
+  for depth in (4, 16):
+    f = _diamonds(depth)
+    ntk_fn = nc.compile_ntk(f, method="structured", trace_axes=())
+    start = time.perf_counter()
+    plan = ntk_fn.plan(params, x1, x2)
+    times[depth] = time.perf_counter() - start
+    # Without cuts at fan-outs w0 had 2**depth uses.
+    assert [len(plan.engine.uses_of(leaf)) for leaf in range(2)] == [1, 1]
+    assert_matches(ntk_fn(params, x1, x2),
+                   oracle_ntk(f, params, x1, x2, trace_axes=()), 1e-10)
+  assert times[16] < 10 * times[4] + 1.0  # linear, not 2**12 times as long
+
+
+@full
+def test_a_residual_stack_has_uses_linear_in_its_depth():
+  depth = 50
+  params = {"w": [_normal((8, 8), i) / 8 for i in range(depth)],
+            "b": [jnp.zeros(8) for _ in range(depth)]}
+
+  def f(p, x):
+    for w, b in zip(p["w"], p["b"]):
+      x = x + jnp.tanh(x @ w + b)
+    return x
+
+  x = _normal((3, 8), 99)
+  ntk_fn = nc.compile_ntk(f, method="structured")
+  start = time.perf_counter()
+  plan = ntk_fn.plan(params, x)
+  assert time.perf_counter() - start < 30  # seconds, even on a busy machine
+  assert len(plan.engine.uses) <= 2 * 2 * depth
+  assert_matches(ntk_fn(params, x), oracle_ntk(f, params, x), 1e-10)
+
+
+@full
+def test_an_attention_block_cuts_each_shared_value_once():
+  """Layer-norm parameters and the residual stream fan out to q, k, v and the skip:
+  each leaf's uses stay few, and the kernel is exact."""
+  d, s = 8, 5
+  keys = iter(range(100))
+  params = {"g": 1 + _normal((d,), next(keys)) / 10, "b": _normal((d,), next(keys)) / 10,
+            "qkv": _normal((d, 3 * d), next(keys)) / d ** .5,
+            "proj": _normal((d, d), next(keys)) / d ** .5,
+            "out": _normal((d, 2), next(keys)) / d ** .5}
+
+  def f(p, x):
+    mu = x.mean(-1, keepdims=True)
+    h = (x - mu) / jnp.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + 1e-5) * p["g"] + p["b"]
+    q, k, v = jnp.split(h @ p["qkv"], 3, axis=-1)
+    att = jax.nn.softmax(jnp.einsum("nsd,ntd->nst", q, k) / d ** .5)
+    x = x + jnp.einsum("nst,ntd->nsd", att, v) @ p["proj"]
+    return x.mean(1) @ p["out"]
+
+  x1, x2 = _normal((3, s, d), 50), _normal((2, s, d), 51)
+  ntk_fn = nc.compile_ntk(f, method="structured", trace_axes=())
+  plan = ntk_fn.plan(params, x1, x2)
+  assert max(len(plan.engine.uses_of(leaf)) for leaf in range(5)) <= 3
+  assert_matches(ntk_fn(params, x1, x2), oracle_ntk(f, params, x1, x2, trace_axes=()),
+                 1e-10)
