@@ -48,7 +48,7 @@ def compile_ntk(
     f: the model, `f(params, x)`. `params` is any pytree of floating-point arrays; `x`
       an array or pytree of arrays with the batch on axis 0; the output an array or a
       pytree of arrays (one kernel per output leaf, in the same tree structure).
-    method: "auto" (pick the cheapest method from a cost model), "jacobian" (Jacobian
+    method: "auto" (the method with the lowest estimated time, `explain()` shows the estimates), "jacobian" (Jacobian
       contraction), "ntk_vp" (NTK-vector products) or "structured" (structured
       derivatives).
     trace_axes: output axes to trace over; each vanishes from the kernel, which is
@@ -193,7 +193,9 @@ class NTKFunction:
     ones), and Θ·v for a random v against J(x1) J(x2)ᵀ v from one VJP and one JVP.
 
     Args:
-      params, x1, x2: as for calling the NTK function (concrete arrays, not tracers).
+      params: as for calling the NTK function (concrete arrays, not tracers).
+      x1: as for calling the NTK function.
+      x2: as for calling the NTK function (None: x1).
       seed: the seed of the random v and operand values.
 
     Returns:
