@@ -48,9 +48,9 @@ def compile_ntk(
     f: the model, `f(params, x)`. `params` is any pytree of floating-point arrays; `x`
       an array or pytree of arrays with the batch on axis 0; the output an array or a
       pytree of arrays (one kernel per output leaf, in the same tree structure).
-    method: "auto" (the method with the lowest estimated time, `explain()` shows the estimates), "jacobian" (Jacobian
-      contraction), "ntk_vp" (NTK-vector products) or "structured" (structured
-      derivatives).
+    method: "auto" (the method with the lowest estimated time; `explain()` shows the
+      estimates), "jacobian" (Jacobian contraction), "ntk_vp" (NTK-vector products)
+      or "structured" (structured derivatives).
     trace_axes: output axes to trace over; each vanishes from the kernel, which is
       divided by the product of their sizes. Negative axes count from the end.
     diagonal_axes: output axes on which only the diagonal (x1 index = x2 index) is
