@@ -213,9 +213,10 @@ def test_flax_rnn_with_seq_lengths():
   def f(p, x):
     lengths = jnp.sum(jnp.abs(x[..., 0]) > 0.3, axis=1)
     return rnn.apply(p, x, seq_lengths=lengths)[:, -1]
-  check(f, variables, x, rand(2, 4, 2, seed=1), no_fallback=True)
+  check(f, variables, x, no_fallback=True)
 
 
+@full
 def test_flax_rnn_last_carry_at_seq_lengths():
   """return_carry with seq_lengths picks carries[len - 1, arange(N)]: per-example."""
   rnn, variables, x = _flax_rnn(return_carry=True)
@@ -324,3 +325,24 @@ def test_two_axis_lookup_rule(mode):
       lambda t, i, j: t.at[i, j].get(mode=mode))
   check_ = nc.check_rule(jax.lax.gather_p, f, table, *ids)
   assert check_.structure == Structure(trace=((1, 2),)) and check_.max_error == 0
+
+
+@pytest.mark.parametrize("name", ["spectral", "solve", "solve_rows"])  # rows: vmapped
+def test_batch_facts_of_jax_primitives(name):
+  """The batch decisions of the full-tier models above, without their kernels."""
+  a = rand(3, 3) + 4 * jnp.eye(3)
+  f, params, x = {
+      "spectral": (spectral, SPECTRAL, rand(3, 8, 1, seed=4)),
+      "solve": (lambda p, x: jnp.linalg.solve(p, x.T).T, a, rand(4, 3, seed=2)),
+      "solve_rows": (lambda p, x: jax.vmap(lambda b: jnp.linalg.solve(p, b))(x), a,
+                     rand(4, 3, seed=2)),
+  }[name]
+  d = decide(f, params, x)
+  assert d.independent, d.reason
+
+
+def test_solve_across_examples_mixes():
+  """x.T as the matrix: the solve runs along the batch axis."""
+  f = lambda p, x: jnp.linalg.solve(x[:, :2].T @ x[:, :2] + p, x[:2].T).T
+  d = decide(f, 4 * jnp.eye(2), rand(4, 3, seed=2))
+  assert not d.independent, d.reason
