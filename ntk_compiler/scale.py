@@ -314,8 +314,9 @@ def choose_tiling(plan, s: Sizes, budget: int, block_size: int | None,
   def fits(b):
     b1, b2 = min(b, n1), min(b, n2)
     local = -(-b1 // d)
+    whole = b >= max(n1, n2) and d == 1  # in one piece x2 omitted is symmetric
     return peak_bytes(plan.method, s, local, b2 if not diagonal else local,
-                      symmetric=False, diagonal=diagonal) <= budget
+                      symmetric=symmetric and whole, diagonal=diagonal) <= budget
 
   big = max(n1, n2, 1)
   if block_size is not None:
@@ -432,8 +433,8 @@ def estimate(ntk_fn, params, x1, x2=None, plan=None) -> ScaleEstimate:
   whole = peak_bytes(plan.method, s, s.n1, s.n2, symmetric=plan.problem.symmetric,
                      diagonal=diag)
   local = -(-tiling.block1 // tiling.devices)
-  per_tile = peak_bytes(plan.method, s, local, local if diag else tiling.block2,
-                        diagonal=diag)
+  per_tile = whole if not tiling.split and tiling.devices == 1 else peak_bytes(
+      plan.method, s, local, local if diag else tiling.block2, diagonal=diag)
   if tiling.split:
     pairs_total = s.n1 if diag else s.n1 * s.n2
     pairs_tile = tiling.block1 if diag else tiling.block1 * tiling.block2
@@ -469,11 +470,17 @@ class Progress:
       progress = total > 1 and sys.stderr.isatty()
     if not progress:
       return
+    self.bar = self._tqdm(total)
+    self.line = self.bar is None
+
+  @staticmethod
+  def _tqdm(total: int):
+    """A tqdm bar if tqdm is installed (pip install "ntk_compiler[progress]")."""
     try:
-      import tqdm  # optional: pip install ntk_compiler[progress]
-      self.bar = tqdm.tqdm(total=total, unit="tile", desc="ntk")
+      import tqdm
     except ImportError:
-      self.line = True
+      return None
+    return tqdm.tqdm(total=total, unit="tile", desc="ntk")
 
   def update(self, done: int) -> None:
     elapsed = time.perf_counter() - self.start

@@ -1,0 +1,379 @@
+"""Scale: tiles under a budget, out=, progress, devices, estimate() and matvec()."""
+
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import models
+import models_structured
+import ntk_compiler as nc
+from ntk_compiler import scale
+from oracle import apply_layouts, assert_matches, full_kernel
+from tiers import full
+
+RTOL = 1e-10
+METHODS = ("structured", "jacobian", "ntk_vp")
+LAYOUTS = [((-1,), ()), ((), ()), ((), (0,)), ((0,), ()), ((), (1,))]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+N1 = N2 = 5  # x2 as large as x1: the batch axis may be diagonal or traced
+
+
+def _draw(model):
+  return model.draw(0, N1, N2, jnp.float64)
+
+
+_FULL = {}
+
+
+def _oracle(model, x2, trace=(-1,), diagonal=()):
+  """The float64 oracle's kernel of `model` at its draw, x2 None or the draw's x2 (the
+  full kernels computed once per model and side, then laid out)."""
+  key = (model.name, x2 is None)
+  if key not in _FULL:
+    params, x1, x2_drawn = _draw(model)
+    _FULL[key] = full_kernel(model.f, params, x1, None if x2 is None else x2_drawn)
+  return apply_layouts(*_FULL[key], trace, diagonal)
+
+
+def _paired(layout):
+  return 0 in layout[0] + layout[1]
+
+
+# --- max_memory ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value, expected", [
+    (1000, 1000), ("2GB", 2 * 10**9), ("512MiB", 512 * 2**20), ("1.5 GiB", 3 * 2**29),
+    ("64k", 64 * 1024), (None, None), (2.5e9, 2_500_000_000)])
+def test_parse_bytes(value, expected):
+  assert scale.parse_bytes(value) == expected
+
+
+@pytest.mark.parametrize("value, error", [
+    ("2 parsecs", ValueError), ("", ValueError), (-1, ValueError), ("0GB", ValueError),
+    (True, TypeError), ([1], TypeError)])
+def test_parse_bytes_refuses(value, error):
+  with pytest.raises(error, match="max_memory"):
+    nc.compile_ntk(lambda p, x: x @ p, max_memory=value)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"block_size": 0}, ValueError, "block_size"),
+    ({"block_size": 2.0}, ValueError, "block_size"),
+    ({"devices": "cpu"}, TypeError, "devices"),
+    ({"devices": []}, TypeError, "devices"),
+    ({"progress": "yes"}, TypeError, "progress")])
+def test_bad_scale_arguments(kwargs, error, match):
+  with pytest.raises(error, match=match):
+    nc.compile_ntk(lambda p, x: x @ p, **kwargs)
+
+
+def test_default_budget_is_a_share_of_memory():
+  budget = scale.default_budget(jax.local_devices()[:1])
+  assert 2**20 < budget < os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+# --- tiles equal the kernel in one piece ---------------------------------------------------
+
+def _quick(grid, kept):
+  """The grid's params, all but `kept` in the full tier only."""
+  return [pytest.param(*p, marks=[] if p in kept else [full]) for p in grid]
+
+
+@pytest.mark.parametrize("method, symmetric", _quick(
+    [(m, s) for m in METHODS for s in (True, False)],
+    [("structured", True), ("jacobian", False)]))
+def test_tiles_match_oracle_mlp(method, symmetric):
+  model = models.mlp()
+  params, x1, x2 = _draw(model)
+  x2 = None if symmetric else x2
+  ntk_fn = nc.compile_ntk(model.f, method=method, block_size=2)
+  kernel = ntk_fn(params, x1, x2)
+  assert isinstance(kernel, np.ndarray)
+  assert_matches(kernel, _oracle(model, x2), RTOL)
+
+
+def _layout_grid():
+  grid = [(m, t, d, s) for m in METHODS for t, d in LAYOUTS for s in (True, False)]
+  return _quick(grid, [("structured", (), (0,), True), ("ntk_vp", (0,), (), False)])
+
+
+@pytest.mark.parametrize("method, trace, diagonal, symmetric", _layout_grid())
+def test_tiles_every_layout(method, trace, diagonal, symmetric):
+  model = models.sequence()
+  params, x1, x2 = _draw(model)
+  x2 = None if symmetric else x2
+  ntk_fn = nc.compile_ntk(model.f, method=method, trace_axes=trace,
+                          diagonal_axes=diagonal, block_size=2)
+  assert_matches(ntk_fn(params, x1, x2),
+                 _oracle(model, x2, trace, diagonal), RTOL)
+
+
+ARCHITECTURES = [models.cnn(), models_structured.transformer(2, causal=True),
+                 models.multi_output(), models.pytree_params()]
+
+
+@pytest.mark.parametrize("model, method, symmetric", _quick(
+    [(m, meth, s) for m in ARCHITECTURES for meth in METHODS for s in (True, False)],
+    [(ARCHITECTURES[0], "structured", True)]),
+    ids=lambda v: getattr(v, "name", str(v)))
+def test_tiles_architectures(model, method, symmetric):
+  params, x1, x2 = _draw(model)
+  x2 = None if symmetric else x2
+  ntk_fn = nc.compile_ntk(model.f, method=method, block_size=3)
+  assert_matches(ntk_fn(params, x1, x2), _oracle(model, x2), RTOL)
+
+
+def test_budget_tiles_the_call():
+  model = models.mlp()
+  params, x1, _ = _draw(model)
+  ntk_fn = nc.compile_ntk(model.f, max_memory=8_000)
+  est = ntk_fn.estimate(params, x1)
+  assert not est.fits and est.tiling.split and est.peak_bytes_per_tile <= 20_000
+  assert est.tiling.tiles == count_upper(N1, est.tiling.block1)
+  assert "tiles of" in str(est)
+  assert_matches(ntk_fn(params, x1), _oracle(model, None), RTOL)
+  roomy = nc.compile_ntk(model.f, max_memory="1GB")
+  assert roomy.estimate(params, x1).fits
+  assert isinstance(roomy(params, x1), jax.Array)  # one piece: the plain program
+
+
+def count_upper(n, b):
+  t = -(-n // b)
+  return t * (t + 1) // 2
+
+
+def test_estimate_grows_with_examples():
+  model = models.mlp()
+  params, x1, _ = _draw(model)
+  ntk_fn = nc.compile_ntk(model.f)
+  small = ntk_fn.estimate(params, x1)
+  big = ntk_fn.estimate(params, jnp.tile(x1, (8, 1)))
+  assert big.peak_bytes > small.peak_bytes and big.flops > small.flops > 0
+  assert big.kernel_bytes == 64 * small.kernel_bytes
+
+
+def test_example_mixing_model_is_not_split():
+  model = models.batch_mixing()
+  params, x1, x2 = _draw(model)
+  ntk_fn = nc.compile_ntk(model.f, max_memory=1000)
+  assert ntk_fn.estimate(params, x1).tiling.mode == "whole"
+  with pytest.warns(ResourceWarning, match="mixes the examples"):
+    kernel = ntk_fn(params, x1, x2)  # in one piece: the plain program
+  out = np.empty((N1, N2))
+  with pytest.warns(ResourceWarning, match="mixes the examples"):
+    ntk_fn(params, x1, x2, out=out)
+  np.testing.assert_array_equal(out, kernel)
+
+
+def test_under_jit_computes_in_one_piece():
+  model = models.mlp()
+  params, x1, _ = _draw(model)
+  ntk_fn = nc.compile_ntk(model.f, block_size=2)
+  kernel = jax.jit(ntk_fn)(params, x1)
+  assert_matches(kernel, _oracle(model, None), RTOL)
+  with pytest.raises(TypeError, match="out= needs concrete arrays"):
+    jax.jit(lambda p, x: ntk_fn(p, x, out=np.zeros((5, 5))))(params, x1)
+
+
+# --- out= ---------------------------------------------------------------------------------
+
+def test_out_memmap(tmp_path):
+  model = models.mlp()
+  params, x1, x2 = _draw(model)
+  ntk_fn = nc.compile_ntk(model.f, trace_axes=(), max_memory=20_000)
+  path = tmp_path / "kernel.npy"
+  out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float64,
+                                  shape=(N1, N2, 4, 4))
+  assert ntk_fn(params, x1, x2, out=out) is out
+  out.flush()
+  del out
+  expected = _oracle(model, x2, ())
+  assert_matches(np.load(path), expected, RTOL)
+
+
+def test_out_pytree_and_errors():
+  model = models.multi_output()
+  params, x1, _ = _draw(model)
+  ntk_fn = nc.compile_ntk(model.f)
+  out = {"logits": np.empty((N1, N1)), "aux": [np.empty((N1, N1))]}
+  assert ntk_fn(params, x1, out=out) is out
+  assert_matches(out, jax.tree_util.tree_map(np.asarray, ntk_fn(params, x1)), 1e-14)
+  with pytest.raises(ValueError, match="one array but f returns 2 output leaves"):
+    ntk_fn(params, x1, out=np.empty((N1, N1)))
+  with pytest.raises(ValueError, match="pytree structure"):
+    ntk_fn(params, x1, out={"logits": np.empty((N1, N1))})
+  with pytest.raises(ValueError, match="out leaf 1 has shape"):
+    ntk_fn(params, x1, out={"logits": np.empty((N1, 3)), "aux": [np.empty((N1, N1))]})
+  with pytest.raises(ValueError, match="dtype float32 but the kernel has dtype float64"):
+    ntk_fn(params, x1, out={"logits": np.empty((N1, N1), np.float32),
+                            "aux": [np.empty((N1, N1))]})
+  with pytest.raises(TypeError, match="writable NumPy arrays"):
+    ntk_fn(params, x1, out={"logits": jnp.zeros((N1, N1)), "aux": [np.empty((N1, N1))]})
+  frozen = np.empty((N1, N1))
+  frozen.flags.writeable = False
+  with pytest.raises(ValueError, match="read-only"):
+    ntk_fn(params, x1, out={"logits": frozen, "aux": [np.empty((N1, N1))]})
+
+
+# --- progress -----------------------------------------------------------------------------
+
+def test_progress_callback():
+  model = models.mlp()
+  params, x1, x2 = _draw(model)
+  seen = []
+  ntk_fn = nc.compile_ntk(model.f, block_size=2,
+                          progress=lambda done, total, elapsed: seen.append(
+                              (done, total, elapsed)))
+  ntk_fn(params, x1, x2)
+  assert [d for d, _, _ in seen] == list(range(1, 10))
+  assert {t for _, t, _ in seen} == {9}
+  assert all(e >= 0 for _, _, e in seen)
+
+
+@full
+def test_progress_line(capsys, monkeypatch):
+  monkeypatch.setattr(scale.Progress, "_tqdm", staticmethod(lambda total: None))
+  model = models.mlp()
+  params, x1, _ = _draw(model)
+  nc.compile_ntk(model.f, block_size=2, progress=True)(params, x1)
+  err = capsys.readouterr().err
+  assert "6/6 tiles" in err and "elapsed" in err
+  nc.compile_ntk(model.f, block_size=2)(params, x1)  # not a terminal: silent
+  assert capsys.readouterr().err == ""
+
+
+# --- Θ·v ----------------------------------------------------------------------------------
+
+def _kernel_times(kernel, layout, v):
+  s1, s2, result = layout.indices()
+  v_labels = [l for a, l in enumerate(s2) if a not in layout.trace]
+  out = [l for a, l in enumerate(s1) if a not in layout.trace]
+  return np.einsum(kernel, result, v, v_labels, out)
+
+
+def _vector(shape, trace, seed=0):
+  nd = len(shape)
+  traced = {a % nd for a in trace}
+  return np.random.default_rng(seed).normal(
+      size=[n for a, n in enumerate(shape) if a not in traced])
+
+
+def _matvec_grid():
+  grid = [(t, d, s, b) for t, d in LAYOUTS for s in (True, False) for b in (None, 2)]
+  return _quick(grid, [((-1,), (), True, 2), ((), (0,), False, None)])
+
+
+@pytest.mark.parametrize("trace, diagonal, symmetric, block", _matvec_grid())
+def test_matvec_matches_kernel_times_v(trace, diagonal, symmetric, block):
+  model = models.sequence()
+  params, x1, x2 = _draw(model)
+  x2 = None if symmetric else x2
+  ntk_fn = nc.compile_ntk(model.f, trace_axes=trace, diagonal_axes=diagonal,
+                          block_size=block)
+  kernel = _oracle(model, x2, trace, diagonal)
+  layout = ntk_fn.plan(params, x1, x2).outputs[0].layout
+  v = _vector(model.f(params, x1 if x2 is None else x2).shape, trace)
+  result = ntk_fn.matvec(params, x1, x2, v)
+  assert_matches(result, _kernel_times(kernel, layout, v), RTOL)
+
+
+@full
+def test_matvec_example_mixing_and_pytrees():
+  for model in (models.batch_mixing(), models.multi_output()):
+    params, x1, x2 = _draw(model)
+    ntk_fn = nc.compile_ntk(model.f, trace_axes=(), block_size=2)
+    kernels = _oracle(model, x2, ())
+    plan = ntk_fn.plan(params, x1, x2)
+    outs = jax.tree_util.tree_leaves(model.f(params, x2))
+    vs = [_vector(o.shape, (), seed=i) for i, o in enumerate(outs)]
+    v = plan.out_tree.unflatten(vs)
+    expected = plan.out_tree.unflatten([
+        _kernel_times(k, o.layout, vi) for k, o, vi in
+        zip(jax.tree_util.tree_leaves(kernels), plan.outputs, vs)])
+    assert_matches(ntk_fn.matvec(params, x1, x2, v), expected, RTOL)
+
+
+def test_matvec_refuses_wrong_shape():
+  model = models.mlp()
+  params, x1, x2 = _draw(model)
+  ntk_fn = nc.compile_ntk(model.f)
+  with pytest.raises(ValueError, match=r"traced axes \(1,\) left out\): \(5,\)"):
+    ntk_fn.matvec(params, x1, x2, np.ones((3, 4)))
+
+
+# --- devices ------------------------------------------------------------------------------
+
+_SHARDED = textwrap.dedent("""
+    import sys
+    import jax, jax.numpy as jnp, numpy as np
+    jax.config.update("jax_enable_x64", True)
+    jax.config.update("jax_disable_most_optimizations", True)  # as tests/conftest.py
+    sys.path.insert(0, "tests")
+    import models, models_structured
+    import ntk_compiler as nc
+    from oracle import assert_matches, oracle_ntk
+    assert len(jax.devices()) == 8, jax.devices()
+    cases = {cases}
+    zoo = {{"mlp": models.mlp(), "cnn": models.cnn(),
+           "transformer": models_structured.transformer(2, causal=True)}}
+    for name, method, trace, diagonal, symmetric, kwargs in cases:
+      model = zoo[name]
+      if kwargs.get("devices") == "mesh":  # a 2-D mesh: tiles split over both axes
+        kwargs = dict(kwargs, devices=jax.make_mesh((4, 2), ("a", "b")))
+      elif isinstance(kwargs.get("devices"), int):
+        kwargs = dict(kwargs, devices=jax.devices()[:kwargs["devices"]])
+      paired = 0 in trace + diagonal
+      params, x1, x2 = model.draw(0, 11, 11 if paired else 5, jnp.float64)
+      x2 = None if symmetric else x2
+      ntk_fn = nc.compile_ntk(model.f, method=method, trace_axes=trace,
+                              diagonal_axes=diagonal, **kwargs)
+      est = ntk_fn.estimate(params, x1, x2)
+      want = (ntk_fn.devices.devices.size if hasattr(ntk_fn.devices, "devices")
+              else len(ntk_fn.devices or jax.devices()))
+      assert est.tiling.devices == want, est
+      kernel = ntk_fn(params, x1, x2)
+      assert_matches(kernel, oracle_ntk(model.f, params, x1, x2, trace, diagonal), 1e-10)
+      v = np.random.default_rng(0).normal(size=jax.eval_shape(
+          model.f, params, x1 if x2 is None else x2).shape[:-1])
+      if trace == (-1,) and not diagonal:
+        k = np.asarray(kernel)
+        assert_matches(ntk_fn.matvec(params, x1, x2, v), k @ v, 1e-10)
+    print("OK", len(cases))
+""")
+
+
+def _run_sharded(cases):
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES="8",
+             XLA_FLAGS=os.environ.get("XLA_FLAGS", ""))
+  done = subprocess.run([sys.executable, "-c", _SHARDED.format(cases=cases)], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-4000:]
+  assert f"OK {len(cases)}" in done.stdout
+
+
+def test_sharded_on_8_devices():
+  _run_sharded([("mlp", "structured", (-1,), (), True, {}),
+                ("mlp", "jacobian", (-1,), (), False, {"block_size": 4})])
+
+
+@full
+def test_sharded_grid_on_8_devices():
+  cases = [(name, method, (-1,), (), symmetric, {"block_size": 8})
+           for name in ("mlp", "cnn", "transformer") for method in METHODS
+           for symmetric in (True, False)]
+  cases += [("mlp", "structured", (0,), (), True, {"block_size": 8}),
+            ("mlp", "structured", (), (1,), False, {"block_size": 8}),
+            ("mlp", "jacobian", (), (0,), False, {}),
+            ("mlp", "ntk_vp", (), (0,), True, {"block_size": 8}),
+            ("cnn", "structured", (-1,), (), True, {"devices": 2}),
+            ("mlp", "ntk_vp", (-1,), (), False, {"devices": "mesh"})]
+  _run_sharded(cases)
