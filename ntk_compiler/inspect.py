@@ -70,7 +70,7 @@ class LeafReport:
   """One parameter leaf: its uses and how its term is contracted.
 
   Attributes:
-    path: the leaf's path in params, e.g. "['dense']['w']".
+    path: the leaf's path in params, e.g. `"['dense']['w']"`.
     shape: its shape.
     uses: one `UseReport` per use.
     contraction: "pairwise", "materialised" or "unused".
