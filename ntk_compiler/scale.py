@@ -787,7 +787,8 @@ def _warn_whole(plan, est) -> None:
 
 def _run_tiles(ntk_fn, params, x1, x2, plan, tiling: Tiling, dests, reporter) -> None:
   mode, symmetric = tiling.mode, plan.problem.symmetric
-  mesh = mesh_of(ntk_fn.devices) if tiling.devices > 1 else None
+  explicit_mesh = isinstance(ntk_fn.devices, Mesh)
+  mesh = mesh_of(ntk_fn.devices) if tiling.devices > 1 or explicit_mesh else None
   if mode == "whole":
     runner = _Runner(ntk_fn, params, None, mode)
     kernels = runner.tile(x1, x2 if x2 is not None else x1, symmetric)

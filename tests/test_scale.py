@@ -360,6 +360,20 @@ def _run_sharded(cases):
   assert f"OK {len(cases)}" in done.stdout
 
 
+@pytest.mark.parametrize("mode", [((-1,), (), True), ((0,), (), False)])
+def test_mesh_of_one_device(mode):
+  """The shard_map path in this process (one device): an explicit Mesh uses it."""
+  trace, diagonal, symmetric = mode
+  model = models.mlp()
+  params, x1, x2 = _draw(model)
+  x2 = None if symmetric else x2
+  mesh = jax.sharding.Mesh(np.array(jax.local_devices()[:1]), ("examples",))
+  ntk_fn = nc.compile_ntk(model.f, method="jacobian", trace_axes=trace,
+                          diagonal_axes=diagonal, devices=mesh, block_size=2)
+  assert_matches(ntk_fn(params, x1, x2), _oracle(model, x2, trace, diagonal), RTOL)
+
+
+@full
 def test_sharded_on_8_devices():
   _run_sharded([("mlp", "structured", (-1,), (), True, {}),
                 ("mlp", "jacobian", (-1,), (), False, {"block_size": 4})])
