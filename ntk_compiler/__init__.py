@@ -17,6 +17,7 @@ _EXPORTS = {
     "rules_overlay": "rules", "unregister_rule": "rules",
     "Structure": "structure",
     "RuleReport": "validate", "ValidationError": "validate", "Verification": "validate",
+    "ScaleEstimate": "scale", "Tiling": "scale",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -41,5 +42,6 @@ if TYPE_CHECKING:  # the names for type checkers and IDEs
   from ntk_compiler.inspect import Explanation
   from ntk_compiler.rules import (EqnInfo, RuleResult, register_rule, rules_overlay,
                                   unregister_rule)
+  from ntk_compiler.scale import ScaleEstimate, Tiling
   from ntk_compiler.structure import Structure
   from ntk_compiler.validate import RuleReport, ValidationError, Verification
