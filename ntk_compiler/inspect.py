@@ -116,6 +116,7 @@ class Explanation:
     outputs: one `OutputReport` per output leaf of f.
     requested: the method asked for (e.g. "auto").
     function: the name of f.
+    rates: the backend's rates behind the estimated times, when the cost model has them.
   """
   method: str
   reason: str
@@ -128,6 +129,7 @@ class Explanation:
   outputs: tuple[OutputReport, ...] = ()
   requested: str = ""
   function: str = ""
+  rates: str = ""  # the backend rates the cost model turned FLOPs and bytes into time
 
   @property
   def batch_independent(self) -> bool:
@@ -164,7 +166,7 @@ class Explanation:
         "batch_independent": self.batch.independent, "batch_reason": self.batch.reason,
         "estimates": self.estimates, "costs": self.costs,
         "outputs": [dataclasses.asdict(o) for o in self.outputs],
-        "loops": list(self.loops), "fallbacks": self.fallbacks,
+        "rates": self.rates, "loops": list(self.loops), "fallbacks": self.fallbacks,
         "leaves": [dataclasses.asdict(l) for l in self.leaves]})
 
   def __str__(self) -> str:
@@ -178,6 +180,8 @@ class Explanation:
                    f"{o.kernel_shape} {o.dtype} (trace_axes {o.trace_axes}, "
                    f"diagonal_axes {o.diagonal_axes})")
     lines += _cost_table(self.costs or {"flops": self.estimates}, self.method)
+    if self.rates:
+      lines.append(f"  (times at {self.rates})")
     lines += [f"loop: {note}" for note in self.loops]
     if self.method == "structured":
       lines.append(_fallback_summary(self))
@@ -202,8 +206,16 @@ def _leaf_lines(leaf: LeafReport, total: int) -> list[str]:
   if leaf.flops:
     share = f" ({100 * leaf.flops / total:.0f}% of the leaves' terms)" if total else ""
     head += f", ~{leaf.flops:.3g} FLOPs{share}"
-  if leaf.costs:
-    head += "; " + ", ".join(f"{k} {_fmt(v)}" for k, v in leaf.costs.items())
+  # Estimates of the alternative contractions ("pairwise_flops", "materialised_flops"):
+  # the cost model's choice between them, and what the other would have cost.
+  options = {k[:-len("_flops")]: v for k, v in leaf.costs.items()
+             if k.endswith("_flops") and k != "flops"}
+  others = {k: v for k, v in leaf.costs.items() if k[:-len("_flops")] not in options}
+  if len(options) > 1:
+    head += "; cost model: " + " vs ".join(
+        f"{name} ~{_fmt(value)} FLOPs" for name, value in options.items())
+  if others:
+    head += "; " + ", ".join(f"{k} {_fmt(v)}" for k, v in others.items())
   lines = [head]
   for use in leaf.uses:
     chain = " -> ".join(use.steps) or "(the parameter itself)"
@@ -274,7 +286,24 @@ def explain(ntk_fn, plan, params, x1) -> Explanation:
   return Explanation(plan.method, plan.reason, plan.batch, flops, leaves, notes,
                      costs=per_method, description=DESCRIPTIONS.get(plan.method, ""),
                      outputs=output_reports(plan), requested=ntk_fn.method,
-                     function=getattr(ntk_fn, "name", None) or function_name(ntk_fn.f))
+                     function=getattr(ntk_fn, "name", None) or function_name(ntk_fn.f),
+                     rates=rates(getattr(estimate, "machine", None)))
+
+
+def rates(machine) -> str:
+  """A backend's rates ("cpu: 1.2e+11 FLOP/s, 2e+10 B/s, measured"), "" when unknown."""
+  if machine is None:
+    return ""
+  parts = [str(getattr(machine, "backend", "")) or "backend"]
+  values = []
+  for name, unit in (("flops_per_s", "FLOP/s"), ("bytes_per_s", "B/s")):
+    value = getattr(machine, name, None)
+    if isinstance(value, (int, float)):
+      values.append(f"{value:.3g} {unit}")
+  measured = getattr(machine, "measured", None)
+  if measured is not None:
+    values.append("measured here" if measured else "default rates")
+  return parts[0] + (": " + ", ".join(values) if values else "")
 
 
 def estimate_fields(estimate) -> tuple[dict, dict]:
