@@ -10,6 +10,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import models
@@ -35,8 +36,8 @@ def _named(model):
   return f, name
 
 
-def _check_dump(model, method, with_x2, tmp_path):
-  params, x1, x2 = model.draw(0, 3, 2, jnp.float64)
+def _check_dump(model, method, with_x2, tmp_path, drawn=None):
+  params, x1, x2 = drawn or model.draw(0, 3, 2, jnp.float64)
   x2 = x2 if with_x2 else None
   f, name = _named(model)
   ntk_fn = nc.compile_ntk(f, method=method, batch_independent=model.batch_independent)
@@ -50,25 +51,34 @@ def _check_dump(model, method, with_x2, tmp_path):
     assert f"= {eqn.primitive}" in user or f"= {eqn.primitive}[" in user
   assert "# " in user  # each step's source line, as a comment
   program = paths["ntk_jaxpr"].read_text()
-  assert len(program.splitlines()) >= len(ntk_fn.jaxpr(params, x1, x2).jaxpr.eqns)
+  assert program.startswith("{ lambda ")
   assert paths["stablehlo"].read_text().startswith(f"module @jit_ntk_{name}")
   hlo = paths["hlo"].read_text()
   assert f"HloModule jit_ntk_{name}" in hlo
   report = json.loads(paths["explain_json"].read_text())
-  plan = ntk_fn.plan(params, x1, x2)
-  assert report["method"] == plan.method and report["function"] == name
-  assert paths["explain"].read_text() == str(ntk_fn.explain(params, x1, x2)) + "\n"
+  assert report["function"] == name
+  assert report["method"] == method or method == "auto"
+  assert paths["explain"].read_text().startswith(f"method: {report['method']} (")
   assert "flops" in paths["cost"].read_text()
-  if plan.method == "structured":
+  if report["method"] == "structured":
     # The named scopes survive into XLA's optimised HLO, as op_name metadata.
     assert "ntk/side1" in hlo and "ntk/contract" in hlo
     assert "[ntk/side1" in program and "[ntk/contract" in program
   return ntk_fn, paths
 
 
+def _mlp_arguments():
+  """The zoo MLP's parameters and inputs, drawn with NumPy (no JAX program to compile)."""
+  rng = np.random.default_rng(0)
+  sizes = (3, 7, 5, 4)
+  params = [{"w": rng.normal(size=(a, b)) / np.sqrt(a), "b": rng.normal(size=b) / 10}
+            for a, b in zip(sizes[:-1], sizes[1:])]
+  return params, rng.normal(size=(3, 3)), rng.normal(size=(2, 3))
+
+
 @pytest.mark.parametrize("method, with_x2", [("structured", True), ("jacobian", False)])
 def test_dump_writes_every_file(method, with_x2, tmp_path):
-  _check_dump(BY_NAME["mlp_tanh"], method, with_x2, tmp_path)
+  _check_dump(BY_NAME["mlp_tanh"], method, with_x2, tmp_path, _mlp_arguments())
 
 
 def _covering_subset():
