@@ -111,9 +111,10 @@ def main(argv=None) -> dict:
         f"{ntk_fn.plan(params, x).method} in {kernel_time:.2f} s")
 
   lr = float(n_train / np.linalg.eigvalsh(np.asarray(theta_train, np.float64)).max())
-  f0, f0_test = mlp(params, x), mlp(params, x_test)
+  predict = jax.jit(mlp)
+  f0, f0_test = predict(params, x), predict(params, x_test)
   trained = train(params, x, y, lr, steps)
-  net_test = np.asarray(mlp(trained, x_test))
+  net_test = np.asarray(predict(trained, x_test))
   lin_test = np.asarray(f0_test) + linearised(theta_train, theta_test, y - f0, lr, steps)
   ridge_test = np.asarray(f0_test) + linearised(theta_train, theta_test, y - f0, lr, None)
   gap = float(np.linalg.norm(net_test - lin_test) / np.linalg.norm(net_test - f0_test))
