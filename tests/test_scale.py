@@ -122,7 +122,8 @@ ARCHITECTURES = [models.cnn(), models_structured.transformer(2, causal=True),
 
 
 @pytest.mark.parametrize("model, method, symmetric", _quick(
-    [(m, meth, s) for m in ARCHITECTURES for meth in METHODS for s in (True, False)],
+    [(m, meth, s) for m in ARCHITECTURES for meth in METHODS for s in (True, False)
+     if m in ARCHITECTURES[:2] or meth == "structured"],
     [(ARCHITECTURES[0], "structured", True)]),
     ids=lambda v: getattr(v, "name", str(v)))
 def test_tiles_architectures(model, method, symmetric):
@@ -344,7 +345,7 @@ _SHARDED = textwrap.dedent("""
       assert_matches(kernel, oracle_ntk(model.f, params, x1, x2, trace, diagonal), 1e-10)
       v = np.random.default_rng(0).normal(size=jax.eval_shape(
           model.f, params, x1 if x2 is None else x2).shape[:-1])
-      if trace == (-1,) and not diagonal:
+      if trace == (-1,) and not diagonal and len(v.shape) == 1:
         k = np.asarray(kernel)
         assert_matches(ntk_fn.matvec(params, x1, x2, v), k @ v, 1e-10)
     print("OK", len(cases))
@@ -381,9 +382,10 @@ def test_sharded_on_8_devices():
 
 @full
 def test_sharded_grid_on_8_devices():
-  cases = [(name, method, (-1,), (), symmetric, {"block_size": 8})
-           for name in ("mlp", "cnn", "transformer") for method in METHODS
-           for symmetric in (True, False)]
+  cases = [("mlp", method, (-1,), (), symmetric, {"block_size": 8})
+           for method in METHODS for symmetric in (True, False)]
+  cases += [("cnn", "structured", (-1,), (), False, {"block_size": 8}),
+            ("transformer", "jacobian", (-1,), (), True, {"block_size": 8})]
   cases += [("mlp", "structured", (0,), (), True, {"block_size": 8}),
             ("mlp", "structured", (), (1,), False, {"block_size": 8}),
             ("mlp", "jacobian", (), (0,), False, {}),
