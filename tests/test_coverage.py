@@ -99,11 +99,31 @@ SPECTRAL = {"lift": rand(1, 2), "wr": rand(3, 2, seed=1), "wi": rand(3, 2, seed=
 
 @full
 def test_spectral_conv_is_per_example():
-  """Per-example (fft's batch fact is JAX's). The complex values keep a cut before
-  them: a real parameter's term pairs the real parts of two complex products, which
-  the engine's complex-bilinear contractions do not compute (see the report)."""
-  check(spectral, SPECTRAL, rand(3, 8, 1, seed=4), rand(2, 8, 1, seed=5),
-        no_fallback=("proj",))
+  """Per-example (fft's batch fact is JAX's); `lift` is cut before the fft with no
+  loss (its rule's DFT block is dense). The complex weights keep a cut before the
+  complex values: a real parameter's term pairs the real parts of two complex
+  products, which the engine's complex-bilinear contractions do not compute."""
+  e = check(spectral, SPECTRAL, rand(3, 8, 1, seed=4), rand(2, 8, 1, seed=5),
+            no_fallback=("lift", "proj"))
+  lift, = [leaf for leaf in e.leaves if "lift" in leaf.path]
+  assert all("before fft" in u.reason for u in lift.uses), lift.uses
+
+
+@pytest.mark.parametrize("shape, axes", [((2, 6), (-1,)), ((3, 5), (-1,)),
+                                         ((2, 4, 6), (-2, -1))])
+def test_real_fft_rule(shape, axes):
+  """The rule's DFT block, expanded by its structure, is jax.jacfwd's (complex)."""
+  from ntk_compiler.rules import EqnInfo, linear
+  x = rand(*shape)
+  f = lambda x: jnp.fft.rfftn(x, axes=axes)
+  closed = jax.make_jaxpr(f)(x)
+  eqn, = [e for e in closed.jaxpr.eqns[0].params["jaxpr"].eqns]
+  info = EqnInfo(eqn.primitive, eqn.params, tuple(a.aval for a in eqn.invars),
+                 tuple(v.aval for v in eqn.outvars))
+  result = linear.fft_rule(info, 0)
+  assert result.dense
+  dense = result.structure.expand(result.factor(x), info.out_aval.shape, shape)
+  np.testing.assert_allclose(dense, jax.jacfwd(f)(x), atol=1e-12)
 
 
 @full

@@ -1,10 +1,13 @@
-"""Rules for the contractions: `dot_general` and `conv_general_dilated`."""
+"""Rules for the contractions: `dot_general`, `conv_general_dilated`, and the real
+FFT (`fft` of a real array), whose Jacobian is a dense DFT block."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from ntk_compiler.rules import EqnInfo, RuleResult, register_rule
@@ -140,3 +143,31 @@ def conv_rule(eqn: EqnInfo, operand: int) -> RuleResult | None:
   if operand == 1:
     return _conv_kernel_rule(eqn)
   return _conv_input_rule(eqn)
+
+
+def _dft(n_out: int, n_in: int) -> np.ndarray:
+  """(n_out, n_in): entry (k, j) = exp(-2πi k j / n_in), the forward DFT's first rows."""
+  k, j = np.arange(n_out)[:, None], np.arange(n_in)[None, :]
+  return np.exp(-2j * np.pi * ((k * j) % n_in) / n_in)
+
+
+@register_rule(lax.fft_p)
+def fft_rule(eqn: EqnInfo, operand: int) -> RuleResult | None:
+  """The real FFT (a real operand, the only kind a parameter's view reaches): leading
+  axes trace; the transformed axes carry the outer product of DFT matrices (the last
+  one cut to n // 2 + 1 rows). A dense block, so the engine takes the cotangent at the
+  operand instead, which loses nothing: it is no larger than the one at the output.
+  Complex operands (FFT, IFFT, IRFFT): None."""
+  if lax.FftType(eqn.params["fft_type"]) != lax.FftType.RFFT:
+    return None
+  if not jnp.issubdtype(eqn.in_avals[0].dtype, jnp.floating):
+    return None
+  x_shape, y_shape = eqn.in_avals[0].shape, eqn.out_aval.shape
+  m = len(eqn.params["fft_lengths"])
+  lead = len(x_shape) - m
+  mats = [_dft(y_shape[a], x_shape[a]) for a in range(lead, len(x_shape))]
+  factor = functools.reduce(np.multiply.outer, mats, np.ones((), complex))
+  factor = factor.transpose(tuple(range(0, 2 * m, 2)) + tuple(range(1, 2 * m, 2)))
+  dtype = eqn.out_aval.dtype
+  return RuleResult(Structure(trace=tuple((a, a) for a in range(lead))),
+                    lambda *ops: jnp.asarray(factor, dtype), dense=True)
