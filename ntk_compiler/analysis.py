@@ -18,12 +18,14 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
 from ntk_compiler import compat, cost
 from ntk_compiler import rules as rules_lib
 from ntk_compiler.rules import EqnInfo, RuleResult
+from ntk_compiler.structure import Structure
 
 Path = tuple[int, ...]
 Edge = tuple  # (path, operand index) into an equation, or ("out", k) into f's outputs
@@ -176,6 +178,7 @@ class _Builder:
       return views.get(atom, []), dep.get(atom, False)
 
     consumers = _consumers(jaxpr)
+    readers = _readers(jaxpr)
     for i, eqn in enumerate(jaxpr.eqns):
       path = prefix + (i,)
       op_views, op_dep = zip(*[read(a) for a in eqn.invars]) if eqn.invars else ((), ())
@@ -216,7 +219,7 @@ class _Builder:
       if eqn.primitive is lax.cond_p and not op_views[0]:
         self._cond(eqn, path, op_views, op_dep, prefix)
         continue
-      self._consume(eqn, path, op_views, op_dep, views, prefix)
+      self._consume(eqn, path, op_views, op_dep, views, prefix, readers)
     return [read(v)[0] for v in jaxpr.outvars]
 
   def _scan(self, eqn, path, op_views, op_dep, prefix):
@@ -283,7 +286,7 @@ class _Builder:
           self.pending.append(((where, inner.outvars[k]), view, (where + ("out",), k),
                                "at an output of a cond branch", False))
 
-  def _consume(self, eqn, path, op_views, op_dep, views, prefix):
+  def _consume(self, eqn, path, op_views, op_dep, views, prefix, readers):
     if eqn.primitive is _STOP_GRADIENT or not any(
         jnp.issubdtype(v.aval.dtype, jnp.inexact) for v in eqn.outvars):
       return  # no derivative flows on (comparisons, integer casts): no contribution
@@ -293,8 +296,14 @@ class _Builder:
     for operand, (atom, vs) in enumerate(zip(eqn.invars, op_views)):
       if not vs:
         continue
-      results = None
-      if rule is None and eqn.primitive in rules_lib.NONLINEAR:  # a user's rule wins
+      results, linear = None, False
+      if rule is None and _linearisable(eqn, operand) and _pools(eqn.outvars[0], readers):
+        # Before a pooling head (a reduction that shrinks the value): the view goes on
+        # through g'(v), a per-example diagonal factor (the chain rule), and its cut
+        # is taken past the reduction, where the cotangent is small.
+        results, linear = (_linearised(eqn, operand),), True
+        stop = (f"before {eqn.primitive} (nonlinear)", False)
+      elif rule is None and eqn.primitive in rules_lib.NONLINEAR:  # a user's rule wins
         stop = (f"before {eqn.primitive} (nonlinear)", False)
       elif _elementwise_custom(eqn):
         stop = (f"before {eqn.primitive} (elementwise; its own derivative rule is used)",
@@ -310,7 +319,8 @@ class _Builder:
       for view in vs:
         new, why = [], None
         for j, result in enumerate(results or ()):
-          out_view, why = self._compose(view, result, eqn, operand, j, path, op_dep)
+          out_view, why = self._compose(view, result, eqn, operand, j, path, op_dep,
+                                        second=linear)
           if out_view is None:
             break
           new.append(out_view)
@@ -322,8 +332,10 @@ class _Builder:
           for out, out_view in zip(eqn.outvars, new):
             views[out].append(out_view)
 
-  def _compose(self, view: View, result: RuleResult, eqn, operand, out, path, op_dep):
-    """The view of output `out` of `eqn`, or (None, why not)."""
+  def _compose(self, view: View, result: RuleResult, eqn, operand, out, path, op_dep,
+               second: bool = False):
+    """The view of output `out` of `eqn`, or (None, why not). `second`: a second
+    per-example factor is allowed (a linearised nonlinearity before a pooling head)."""
     y_shape = tuple(eqn.outvars[out].aval.shape)
     name = str(eqn.primitive)
     if result.rebase:
@@ -334,7 +346,7 @@ class _Builder:
     w_shape = tuple(eqn.invars[operand].aval.shape)
     structure.validate(y_shape, w_shape, f"rule for {eqn.primitive}")
     batched = any(op_dep[j] for j in result.reads) or self.per_example_depth > 0
-    if batched and view.per_example_factors:
+    if batched and view.per_example_factors > (1 if second else 0):
       return None, "it would add a second per-example factor"
     y_labels, f_labels = structure.labels(view.labels, len(y_shape), self.fresh)
     self._size_labels(y_labels, y_shape)
@@ -425,6 +437,75 @@ def _consumers(jaxpr) -> dict:
     if not isinstance(v, compat.Literal):
       count[v] = count.get(v, 0) + 1
   return count
+
+
+def _readers(jaxpr) -> dict:
+  """The equations reading each variable where a derivative flows (an output of the
+  jaxpr counts as a reader, None)."""
+  found: dict = {}
+  for eqn in jaxpr.eqns:
+    if _carries_derivative(eqn):
+      for a in eqn.invars:
+        if not isinstance(a, compat.Literal):
+          found.setdefault(a, []).append(eqn)
+  for v in jaxpr.outvars:
+    if not isinstance(v, compat.Literal):
+      found.setdefault(v, []).append(None)
+  return found
+
+
+_SMOOTH = frozenset(getattr(lax, f"{n}_p") for n in (
+    "tanh", "exp", "log", "log1p", "expm1", "logistic", "sin", "cos", "sqrt", "rsqrt",
+    "square", "integer_pow", "max", "min", "abs", "erf", "sinh", "cosh", "atan")
+    if hasattr(lax, f"{n}_p"))
+# Elementwise and linear in the operand a pooling head's value passes through.
+_POOL_PATH = frozenset(getattr(lax, f"{n}_p") for n in (
+    "mul", "div", "add", "sub", "neg", "convert_element_type") if hasattr(lax, f"{n}_p"))
+_POOL_SHRINK = 8  # the reduction must shrink the value at least this many times
+
+
+def _linearisable(eqn, operand: int) -> bool:
+  """An elementwise nonlinearity whose derivative in `operand` is a diagonal factor."""
+  if not (eqn.primitive in _SMOOTH or _elementwise_custom(eqn)) or len(eqn.outvars) != 1:
+    return False
+  shape = eqn.outvars[0].aval.shape
+  return (eqn.invars[operand].aval.shape == shape
+          and jnp.issubdtype(eqn.outvars[0].aval.dtype, jnp.floating)
+          and all(getattr(a.aval, "shape", ()) in (shape, ()) for a in eqn.invars))
+
+
+def _pools(var, readers: dict, steps: int = 6) -> bool:
+  """Whether `var` flows, through at most `steps` elementwise linear equations each
+  its only reader, into a reduce_sum that shrinks it `_POOL_SHRINK` times or more (a
+  global average pool, a mean over tokens)."""
+  size = math.prod(var.aval.shape)
+  for _ in range(steps):
+    found = readers.get(var, [])
+    if len(found) != 1 or found[0] is None or len(found[0].outvars) != 1:
+      return False
+    eqn = found[0]
+    if eqn.primitive is lax.reduce_sum_p:
+      return math.prod(eqn.outvars[0].aval.shape) * _POOL_SHRINK <= size
+    if eqn.primitive not in _POOL_PATH or eqn.outvars[0].aval.shape != var.aval.shape:
+      return False
+    var = eqn.outvars[0]
+  return False
+
+
+def _linearised(eqn, operand: int) -> RuleResult:
+  """∂y/∂w of an elementwise y = g(..., w, ...) at the forward values: the diagonal
+  factor g'(w), from a JVP of the equation with a tangent of ones in `operand`."""
+  ndim = len(eqn.outvars[0].aval.shape)
+  structure = Structure(diagonal=tuple((a, a) for a in range(ndim)))
+  dtype = eqn.outvars[0].aval.dtype
+
+  def factor(*ops):
+    ops = [jnp.asarray(o) for o in ops]
+    def g(w):
+      return compat.bind_eqn(eqn, ops[:operand] + [w] + ops[operand + 1:])[0]
+    w = ops[operand]
+    return jax.jvp(g, (w,), (jnp.ones_like(w),))[1].astype(dtype)
+  return RuleResult(structure, factor, tuple(range(len(eqn.invars))))
 
 
 def _elementwise_custom(eqn) -> bool:
