@@ -4,6 +4,7 @@ model's estimates whatever fields it has, and the same report as data."""
 import dataclasses
 import json
 
+import jax
 import jax.numpy as jnp
 
 import ntk_compiler as nc
@@ -53,14 +54,14 @@ def test_auto_reports_only_the_method_it_chose():
 
 
 def test_dense_fallback_is_flagged():
-  def spectral(params, x):
-    return x @ jnp.abs(jnp.fft.rfft(params, axis=0))
-
-  explanation = nc.compile_ntk(spectral, method="structured").explain(
-      jnp.ones((8, 2)), jnp.ones((4, 5)))
-  assert explanation.fallbacks
+  """With the matmul's rule switched off, both weights fall back to dense Jacobians."""
+  ntk_fn = nc.compile_ntk(model, method="structured",
+                          rules={jax.lax.dot_general_p: None})
+  explanation = ntk_fn.explain(PARAMS, X)
+  assert sorted(path for path, _ in explanation.fallbacks) == ["['v']", "['w']"]
   text = str(explanation)
-  assert "[DENSE FALLBACK]" in text and "fallbacks: 1 use(s) take a dense Jacobian" in text
+  assert text.count("no rule for it  [DENSE FALLBACK]") == 2
+  assert "fallbacks: 2 use(s) take a dense Jacobian" in text
 
 
 def test_report_as_data():
