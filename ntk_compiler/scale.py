@@ -315,8 +315,11 @@ def choose_tiling(plan, s: Sizes, budget: int, block_size: int | None,
     b1, b2 = min(b, n1), min(b, n2)
     local = -(-b1 // d)
     whole = b >= max(n1, n2) and d == 1  # in one piece x2 omitted is symmetric
+    # Split with the structured method on one device, half the budget goes to the
+    # blocks' cotangents kept for reuse (_Sides).
+    room = budget if whole or plan.method != "structured" or d > 1 else budget // 2
     return peak_bytes(plan.method, s, local, b2 if not diagonal else local,
-                      symmetric=symmetric and whole, diagonal=diagonal) <= budget
+                      symmetric=symmetric and whole, diagonal=diagonal) <= room
 
   big = max(n1, n2, 1)
   if block_size is not None:
@@ -773,6 +776,9 @@ def compute(ntk_fn, params, x1, x2=None, out=None, plan=None, est=None) -> Any:
   if kept and tiling.tiles:
     _run_tiles(ntk_fn, params, x1, x2, plan, tiling, live,
                Progress(ntk_fn.progress, tiling.tiles))
+    for dest in live:
+      if isinstance(dest, np.memmap):
+        _release(dest)
   return given if given is not None else plan.out_tree.unflatten(dests)
 
 
@@ -817,7 +823,7 @@ def _run_tiles(ntk_fn, params, x1, x2, plan, tiling: Tiling, dests, reporter) ->
       continue
     for j in range(i if symmetric else 0, n2, b2):
       jobs.append((i, j))
-  pending, done = None, 0
+  pending, done, written = None, 0, {}
   try:
     for i, j in jobs:
       stop1, stop2 = min(i + b1, n1), min(j + b2, n2)
@@ -830,12 +836,12 @@ def _run_tiles(ntk_fn, params, x1, x2, plan, tiling: Tiling, dests, reporter) ->
       else:
         kernels = runner.tile(xa, xb, symmetric and i == j)
       if pending is not None:
-        _store(pending, dests, layouts, mode, symmetric, n1)
+        _store(pending, dests, layouts, mode, symmetric, n1, written)
         done += 1
         reporter.update(done)
       pending = (kernels, i, stop1, j, stop2)
     if pending is not None:
-      _store(pending, dests, layouts, mode, symmetric, n1)
+      _store(pending, dests, layouts, mode, symmetric, n1, written)
       done += 1
       reporter.update(done)
   finally:
@@ -848,9 +854,36 @@ def tiling_sizes(plan, tiling):
   return n1, n2, tiling.block1, tiling.block2
 
 
-def _store(pending, dests, layouts, mode, symmetric, n1) -> None:
+# A memmap's written pages are flushed and dropped from the process (they stay in the
+# file and the page cache) every this many bytes, so its resident memory stays small.
+RELEASE_BYTES = 256 * 2**20
+
+
+def _release(dest) -> None:
+  """Flushes a memmap and drops its pages from this process's resident memory."""
+  import mmap
+  base = dest
+  while base is not None and getattr(base, "_mmap", None) is None:
+    base = base.base if isinstance(base, np.ndarray) else None
+  handle = getattr(base, "_mmap", None)
+  if handle is None or not hasattr(handle, "madvise"):
+    return
+  dest.flush()
+  try:
+    handle.madvise(mmap.MADV_DONTNEED)
+  except (OSError, ValueError, AttributeError):  # not on this platform: only flushed
+    pass
+
+
+def _store(pending, dests, layouts, mode, symmetric, n1, written=None) -> None:
   kernels, i, stop1, j, stop2 = pending
-  for dest, layout, kernel in zip(dests, layouts, kernels):
+  for k, (dest, layout, kernel) in enumerate(zip(dests, layouts, kernels)):
+    if written is not None and isinstance(dest, np.memmap):
+      written[k] = written.get(k, 0) + kernel.size * dest.itemsize * (
+          2 if symmetric and i != j else 1)
+      if written[k] >= RELEASE_BYTES:
+        _release(dest)
+        written[k] = 0
     if mode == "trace":  # the mean over examples, block by block
       ((_, piece),) = _pieces(kernel)[:1]
       dest += piece.astype(dest.dtype) * ((stop1 - i) / n1)
