@@ -272,9 +272,8 @@ def run_row(name, kernel, model, options, peak) -> dict:
   same_x = options.same_x
   candidates = ([_ours(model, m, kernel, same_x) for m in options.methods] +
                 [_baseline(model, b, kernel, same_x) for b in options.baselines])
-  plan_args = (model.params, model.x1, None if same_x else model.x2)
   for c in candidates:
-    c.prepare(options.mem_limit, plan_args)
+    c.prepare(options.mem_limit, c.args)
   ready = [c for c in candidates if c.compiled is not None]
   slowest = max((c.record["first_run_ms"] for c in ready), default=0) / 1e3
   rounds = options.repeats if slowest < SLOW_S else min(options.repeats, 3)
@@ -315,14 +314,15 @@ def first_call_row(name, model, options) -> dict:
   try:
     ntk_fn = nc.compile_ntk(model.f, method="auto", trace_axes=())
     start = time.perf_counter()
-    row["auto_plan"] = ntk_fn.plan(model.params, model.x1, model.x2).method
+    row["auto_plan"] = ntk_fn.plan(model.params, model.x1,
+                                   None if options.same_x else model.x2).method
     row["plan_s"] = time.perf_counter() - start
   except Exception as e:  # noqa: BLE001
     row["plan_error"] = _error(e)
   kernels = {}
   for method in ("auto", "jacobian"):
     c = _ours(model, method, "full", options.same_x)
-    c.prepare(options.mem_limit, (model.params, model.x1, model.x2))
+    c.prepare(options.mem_limit, c.args)
     for _ in range(3 if c.compiled is not None else 0):
       c.run()
     if c.times:
