@@ -167,7 +167,8 @@ class NTKFunction:
     self._jitted = jax.jit(_named(self._compute, f"ntk_{self.name}"))
 
   def __repr__(self) -> str:
-    return (f"NTKFunction(method={self.method!r}, trace_axes={self.trace_axes}, "
+    return (f"NTKFunction({self.name}, method={self.method!r}, "
+            f"trace_axes={self.trace_axes}, "
             f"diagonal_axes={self.diagonal_axes}, "
             f"batch_independent={self.batch_independent})")
 

@@ -119,6 +119,7 @@ def test_function_names():
   assert inspect.function_name(functools.partial(model)) == "model"
   assert inspect.function_name(Net()) == "Net"
   assert nc.compile_ntk(model).name == "model"
+  assert repr(nc.compile_ntk(model)).startswith("NTKFunction(model, method='auto'")
   lowered = nc.compile_ntk(model).lower(jnp.ones((3, 2)), jnp.ones((4, 3)))
   assert lowered.as_text().startswith("module @jit_ntk_model")
 
