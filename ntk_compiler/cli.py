@@ -171,9 +171,10 @@ def _time(fn, repeats, *args):
 
 
 def _print_table(results, flops=None) -> None:
-  reference = results[0]["method"]
-  head = (f"{'method':<11} {'ran':<11} {'first call':>11} {'run':>11}  "
-          f"{'max rel. diff vs ' + reference:<26}")
+  reference = results[0]
+  base = reference.get("run")
+  head = (f"{'method':<11} {'ran':<11} {'first call':>11} {'run':>11} {'speed-up':>9}  "
+          f"{'max rel. diff':<13}")
   if flops:
     head += f" {'est. FLOPs':>11}"
   print(head)
@@ -182,17 +183,19 @@ def _print_table(results, flops=None) -> None:
       print(f"{r['method']:<11} not available: {r['error']}")
       continue
     diff = "(reference)" if r["diff"] is None else f"{r['diff']:.1e}"
+    speed = f"{base / r['run']:.1f}x" if base and r["run"] else "-"
     line = (f"{r['method']:<11} {r['chose']:<11} {r['first'] * 1e3:>8.1f} ms "
-            f"{r['run'] * 1e3:>8.2f} ms  {diff:<26}")
+            f"{r['run'] * 1e3:>8.2f} ms {speed:>9}  {diff:<13}")
     if flops:
       value = flops.get(r["chose"])
       line += f" {value:>11.3g}" if value is not None else f" {'-':>11}"
-    print(line)
+    print(line.rstrip())
+  name = reference["method"]
   print()
   print("ran: the method that computed the kernel (auto picks one from its cost model);")
   print("first call: tracing, planning, XLA compilation and one run; run: the best of the")
-  print(f"later calls; max rel. diff: max |Θ - Θ_{reference}| / max |Θ_{reference}| "
-        "(rounding: ~1e-6 in float32).")
+  print(f"later calls; speed-up: {name}'s run time over this one's; max rel. diff:")
+  print(f"max |Θ - Θ_{name}| / max |Θ_{name}| (rounding: ~1e-6 in float32).")
   if flops:
     print("est. FLOPs: the cost model's estimate for the method that ran (explain() has the "
           "details).")
