@@ -78,3 +78,16 @@ def test_kernel_distance_falls_with_width():
   final = [example.track(w, x, y, probe, lr=1.0, steps=40, every=20)["distance"][-1]
            for w in (32, 128, 512)]
   assert final[0] > final[1] > final[2] > 0, final
+
+
+@full
+def test_a_script_runs_from_the_command_line(tmp_path):
+  """As the docs say to run it: `python examples/kernel_distance.py --small`."""
+  import subprocess
+  import sys
+  _example("kernel_distance")  # skips without the optional packages
+  done = subprocess.run([sys.executable, str(EXAMPLES / "kernel_distance.py"), "--small",
+                         "--out", str(tmp_path)], capture_output=True, text=True,
+                        timeout=600)
+  assert done.returncode == 0, done.stderr
+  assert "kernel distance" in done.stdout and _is_png(tmp_path / "kernel_distance.png")
