@@ -106,6 +106,9 @@ class Machine:
       activation cotangents).
     conv_grad_flops_per_s: throughput of per-example convolution weight gradients
       (vmap of a VJP: what Jacobian methods compute for a conv layer).
+    pair_flops_per_s: throughput of a pairwise structured term over tokens (an einsum
+      of two sides' cotangents and per-example factors, batched over example pairs,
+      small matrices): slower per FLOP than one large matrix product.
     measured: True when measured on this machine (a micro-benchmark, cached on disk),
       False for the built-in defaults (NTK_COMPILER_CALIBRATE=0).
   """
@@ -114,18 +117,21 @@ class Machine:
   bytes_per_s: float
   conv_flops_per_s: float
   conv_grad_flops_per_s: float
+  pair_flops_per_s: float
   measured: bool
 
   def seconds(self, flops: float, nbytes: float = 0.0, conv: float = 0.0,
-              conv_grad: float = 0.0) -> float:
+              conv_grad: float = 0.0, pair: float = 0.0) -> float:
     """A roofline-style estimate: compute time per family plus memory-traffic time."""
     return (flops / self.flops_per_s + conv / self.conv_flops_per_s
-            + conv_grad / self.conv_grad_flops_per_s + nbytes / self.bytes_per_s)
+            + conv_grad / self.conv_grad_flops_per_s + pair / self.pair_flops_per_s
+            + nbytes / self.bytes_per_s)
 
 
-# Conservative rates when calibration is off (dot, bytes, conv, per-example conv grad).
-_DEFAULTS = {"cpu": (5e10, 1e10, 3e10, 1e10), "gpu": (2e13, 1e12, 1e13, 5e12),
-             "tpu": (5e13, 5e11, 3e13, 1e13)}
+# Conservative rates when calibration is off (dot, bytes, conv, per-example conv grad,
+# pairwise terms).
+_DEFAULTS = {"cpu": (5e10, 1e10, 3e10, 1e10, 2e10), "gpu": (2e13, 1e12, 1e13, 5e12, 5e12),
+             "tpu": (5e13, 5e11, 3e13, 1e13, 1e13)}
 _MACHINES: dict = {}
 
 
@@ -133,8 +139,8 @@ def machine(backend: str | None = None) -> Machine:
   """The rates of `backend` (default: JAX's default backend), measured once.
 
   A short micro-benchmark (a 1024² float32 matmul, a 64 MB elementwise update, a 3x3
-  convolution and its per-example weight gradients: ~1 s on a CPU, compilation
-  included) runs the first time a backend is met; its result is cached in memory and
+  convolution, its per-example weight gradients and a pairwise term: ~2 s on a CPU,
+  compilation included) runs the first time a backend is met; its result is cached in memory and
   on disk ($NTK_COMPILER_CACHE, else $XDG_CACHE_HOME/ntk_compiler, else
   ~/.cache/ntk_compiler), keyed by the device kind, core count and JAX version. The
   environment variable NTK_COMPILER_CALIBRATE=0 uses built-in defaults instead.
@@ -151,7 +157,8 @@ def machine(backend: str | None = None) -> Machine:
   return result
 
 
-_RATES = ("flops_per_s", "bytes_per_s", "conv_flops_per_s", "conv_grad_flops_per_s")
+_RATES = ("flops_per_s", "bytes_per_s", "conv_flops_per_s", "conv_grad_flops_per_s",
+          "pair_flops_per_s")
 
 
 def _cache_file(backend: str) -> str:
@@ -193,12 +200,18 @@ def _calibrate(backend: str) -> Machine:
   flops = 2 * b * hw * hw * 9 * c * c
   rates["conv_flops_per_s"] = flops / _best_time(jax.jit(lambda x: conv(x, w)), x)
 
-  def weight_grads(x):  # per example: ∂<y, ct>/∂w, as vmap(vjp) computes them
-    def one(xi):
-      y, vjp = jax.vjp(lambda w: conv(xi[None], w), w)
-      return vjp(jnp.ones_like(y))[0]
-    return jax.vmap(one)(x)
-  rates["conv_grad_flops_per_s"] = flops / _best_time(jax.jit(weight_grads), x)
+  outputs = 10
+  cts = put(jnp.ones((b, outputs, 1, hw, hw, c), jnp.float32))
+
+  def weight_grads(x, cts):  # per example and output: ∂<y, ct>/∂w, as jacrev under
+    def one(xi, ci):         # vmap computes a conv layer's Jacobian
+      _, vjp = jax.vjp(lambda w: conv(xi[None], w), w)
+      return jax.vmap(lambda ct: vjp(ct)[0])(ci)
+    return jax.vmap(one)(x, cts)
+  grads = jax.jit(weight_grads)
+  rates["conv_grad_flops_per_s"] = outputs * flops / _best_time(
+      lambda args: grads(*args), (x, cts))
+  rates["pair_flops_per_s"] = _pair_rate(put)
   result = Machine(backend, *(rates[k] for k in _RATES), measured=True)
   try:
     path = _cache_file(backend)
@@ -208,6 +221,23 @@ def _calibrate(backend: str) -> Machine:
   except OSError:
     pass  # an unwritable cache only costs a re-measurement in the next process
   return result
+
+
+def _pair_rate(put) -> float:
+  """FLOP/s of a typical pairwise term: a weight applied per token, 8 examples a side,
+  16 tokens, 64 x 64 weight, 10 outputs (an einsum over both sides' factors and
+  cotangents, in the order `jnp.einsum` picks)."""
+  import jax
+  import jax.numpy as jnp
+
+  n, t, d, o = 8, 16, 64, 10
+  h = put(jnp.ones((n, t, d), jnp.float32))
+  ct = put(jnp.ones((n, o, t, d), jnp.float32))
+  spec = "nsi,mti,nasj,mbtj->nmab"
+  term = jax.jit(lambda h, ct: jnp.einsum(spec, h, h, ct, ct))
+  flops = einsum_flops([tuple("nsi"), tuple("mti"), tuple("nasj"), tuple("mbtj")],
+                       list("nmab"), dict(n=n, m=n, s=t, t=t, i=d, j=d, a=o, b=o))
+  return flops / _best_time(lambda args: term(*args), (h, ct))
 
 
 def _best_time(fn, arg, repeats: int = 5) -> float:

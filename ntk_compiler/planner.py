@@ -219,7 +219,9 @@ def _estimate(problem: Problem, engine, engine2) -> Estimate:
     x1 (~3 F), with a parameter-sized cotangent each;
   - structured: the forward, one reverse pass per output entry that stops at the
     activations (~F/n: no parameter cotangents), the cotangents at the cuts written
-    and read, and each leaf's term, pairwise or materialised, whichever is cheaper.
+    and read, and each leaf's term, pairwise (at the measured rate of pairwise terms)
+    or materialised (matrix products, and the per-example gradients' traffic),
+    whichever is sooner.
   """
   methods = ("jacobian", "ntk_vp", "structured")
   rates = cost.machine()
@@ -277,6 +279,7 @@ def _estimate(problem: Problem, engine, engine2) -> Estimate:
     cut_bytes = sum(8 * _prod(c.shape) for c in engine.cuts) * sum(sizes)
     structured_flops = activations["flops"] + activations["conv"]
     structured_bytes = reverse_bytes + cut_bytes
+    pair_flops = 0
     for leaf in range(engine.num_params):
       if not engine.uses_of(leaf):
         continue
@@ -286,7 +289,7 @@ def _estimate(problem: Problem, engine, engine2) -> Estimate:
                                    problem.batch_independent, problem.symmetric)
         pair, mat = pair + p, mat + m
       mat_bytes = 8 * _prod(engine.leaf_shapes[leaf]) * sum(sizes)
-      chosen_mat = rates.seconds(mat, mat_bytes) < rates.seconds(pair, 0)
+      chosen_mat = rates.seconds(mat, mat_bytes) < rates.seconds(0, pair=pair)
       if chosen_mat:
         materialise.add(leaf)
       kinds[leaf] = "materialised" if chosen_mat else "pairwise"
@@ -294,10 +297,12 @@ def _estimate(problem: Problem, engine, engine2) -> Estimate:
       leaf_flops[leaf] = mat if chosen_mat else pair
       structured_flops += leaf_flops[leaf]
       structured_bytes += mat_bytes if chosen_mat else 0
+      pair_flops += 0 if chosen_mat else pair
     flops["structured"] = structured_flops
     nbytes["structured"] = structured_bytes
     seconds["structured"] = rates.seconds(
-        structured_flops - activations["conv"], structured_bytes, conv=activations["conv"])
+        structured_flops - activations["conv"] - pair_flops, structured_bytes,
+        conv=activations["conv"], pair=pair_flops)
   return Estimate(flops, frozenset(materialise), kinds, leaf_flops, nbytes, seconds,
                   pairwise_flops, materialised_flops, rates)
 

@@ -333,9 +333,13 @@ def test_lora_factors_chain_two_contractions():
 # ------------------------------------------------------------- strict, rule overlays
 
 def _gathered(p, x):
-  """w enters a gather along two axes at once (its rule declines): a dense fallback."""
+  """w enters a gather along two axes at once; with the gather's rule switched off
+  (`NO_GATHER_RULE`) that is a dense fallback."""
   rows, cols = jnp.array([[1, 0, 3, 2]] * 3).T, jnp.array([[0, 2, 1]] * 4)
   return jnp.tanh(x @ p["w"][rows, cols]) @ p["v"]
+
+
+NO_GATHER_RULE = {lax.gather_p: None}
 
 
 def _gather_params():
@@ -347,15 +351,18 @@ def _gather_params():
 
 def test_missing_rule_is_a_reported_dense_fallback():
   params, x = _gather_params()
-  explanation = _explain(_gathered, params, x)
-  assert explanation.fallbacks == [("['w']", "before gather: its rule declines operand 0")]
-  kernel = nc.compile_ntk(_gathered, method="structured")(params, x)
+  explanation = _explain(_gathered, params, x, rules=NO_GATHER_RULE)
+  assert explanation.fallbacks == [("['w']", "before gather: no rule for it")]
+  kernel = nc.compile_ntk(_gathered, method="structured", rules=NO_GATHER_RULE)(params, x)
   oracle.assert_matches(kernel, oracle.oracle_ntk(_gathered, params, x), RTOL_F64)
+  # With its rule (a two-axis gather: an outer product of one-hot factors), no fallback.
+  assert not _explain(_gathered, params, x).fallbacks
 
 
 def test_strict_raises_naming_the_parameter():
   params, x = _gather_params()
-  ntk_fn = nc.compile_ntk(_gathered, method="structured", strict=True)
+  ntk_fn = nc.compile_ntk(_gathered, method="structured", strict=True,
+                          rules=NO_GATHER_RULE)
   with pytest.raises(NotImplementedError, match=r"params\['w'\].*gather"):
     ntk_fn(params, x)
 
