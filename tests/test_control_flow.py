@@ -60,7 +60,9 @@ def test_closed_over_weight_is_one_use_at_any_length():
     (use,) = _uses(explanation, "['wh']")
     assert use.cut_shape[0] == steps
     sizes.append(len(ntk_fn.jaxpr(params, x).eqns))
-  assert sizes[0] == sizes[1]
+  # The same program up to the contraction order the cost model picks for each length
+  # (unrolled, 16 steps would give ~8 times the equations of 2).
+  assert abs(sizes[1] - sizes[0]) <= 0.2 * sizes[0]
 
 
 def test_nested_scans_stack_both_steps():
