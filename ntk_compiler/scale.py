@@ -351,8 +351,8 @@ def choose_tiling(plan, s: Sizes, budget: int, block_size: int | None,
 
 # With x2 omitted, a split kernel (structured method) takes at least this many blocks,
 # of at least MIN_BLOCK examples each.
-MIN_SYMMETRIC_BLOCKS = 8
-MIN_BLOCK = 256
+MIN_SYMMETRIC_BLOCKS = 4
+MIN_BLOCK = 512
 
 
 def _balanced(n: int, b: int, d: int) -> int:
