@@ -210,8 +210,11 @@ def _leaf_lines(leaf: LeafReport, total: int) -> list[str]:
   # the cost model's choice between them, and what the other would have cost.
   options = {k[:-len("_flops")]: v for k, v in leaf.costs.items()
              if k.endswith("_flops") and k != "flops"}
-  others = {k: v for k, v in leaf.costs.items() if k[:-len("_flops")] not in options}
-  if len(options) > 1:
+  if len(options) < 2:  # no alternatives to compare: shown as they are
+    options = {}
+  others = {k: v for k, v in leaf.costs.items()
+            if not (k.endswith("_flops") and k[:-len("_flops")] in options)}
+  if options:
     head += "; cost model: " + " vs ".join(
         f"{name} ~{_fmt(value)} FLOPs" for name, value in options.items())
   if others:
