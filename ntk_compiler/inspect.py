@@ -10,6 +10,7 @@ contraction and NTK-vector products have no per-leaf plan; the report says what 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import textwrap
@@ -117,6 +118,7 @@ class Explanation:
     requested: the method asked for (e.g. "auto").
     function: the name of f.
     rates: the backend's rates behind the estimated times, when the cost model has them.
+    parameters: (path, shape) of every parameter leaf.
   """
   method: str
   reason: str
@@ -130,6 +132,7 @@ class Explanation:
   requested: str = ""
   function: str = ""
   rates: str = ""  # the backend rates the cost model turned FLOPs and bytes into time
+  parameters: tuple[tuple[str, tuple[int, ...]], ...] = ()  # (path, shape) per leaf
 
   @property
   def batch_independent(self) -> bool:
@@ -166,7 +169,8 @@ class Explanation:
         "batch_independent": self.batch.independent, "batch_reason": self.batch.reason,
         "estimates": self.estimates, "costs": self.costs,
         "outputs": [dataclasses.asdict(o) for o in self.outputs],
-        "rates": self.rates, "loops": list(self.loops), "fallbacks": self.fallbacks,
+        "rates": self.rates, "parameters": self.parameters, "loops": list(self.loops),
+        "fallbacks": self.fallbacks,
         "leaves": [dataclasses.asdict(l) for l in self.leaves]})
 
   def __str__(self) -> str:
@@ -175,6 +179,9 @@ class Explanation:
       lines.append(textwrap.fill(self.description, 88, initial_indent="  ",
                                  subsequent_indent="  "))
     lines.append(f"batch_independent: {self.batch.independent} ({self.batch.reason})")
+    if self.parameters:
+      count = sum(math.prod(shape) for _, shape in self.parameters)
+      lines.append(f"parameters: {len(self.parameters)} leaves, {count:,} entries")
     for o in self.outputs:
       lines.append(f"{o.where}: x1 {o.shape1}, x2 {o.shape2} -> kernel "
                    f"{o.kernel_shape} {o.dtype} (trace_axes {o.trace_axes}, "
@@ -280,9 +287,9 @@ def explain(ntk_fn, plan, params, x1) -> Explanation:
   per_method, per_leaf = estimate_fields(estimate)
   flops = dict(getattr(estimate, "flops", None) or {})
   leaves = ()
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  paths = [jax.tree_util.keystr(p) for p, _ in flat]
   if plan.method == "structured" and plan.engine is not None:
-    paths = [jax.tree_util.keystr(p)
-             for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     leaves = leaf_reports(plan.engine, paths, getattr(estimate, "kinds", {}) or {},
                           getattr(estimate, "leaf_flops", {}) or {}, per_leaf)
   notes = tuple(ntk_fn.f.notes(params, x1)) if hasattr(ntk_fn.f, "notes") else ()
@@ -290,7 +297,9 @@ def explain(ntk_fn, plan, params, x1) -> Explanation:
                      costs=per_method, description=DESCRIPTIONS.get(plan.method, ""),
                      outputs=output_reports(plan), requested=ntk_fn.method,
                      function=getattr(ntk_fn, "name", None) or function_name(ntk_fn.f),
-                     rates=rates(getattr(estimate, "machine", None)))
+                     rates=rates(getattr(estimate, "machine", None)),
+                     parameters=tuple((p, tuple(jax.numpy.shape(w)))
+                                      for p, (_, w) in zip(paths, flat)))
 
 
 def rates(machine) -> str:

@@ -73,6 +73,8 @@ def test_report_as_data():
   data = json.loads(json.dumps(explanation.to_dict()))
   assert data["method"] == "structured" and data["outputs"][0]["kernel_shape"] == [5, 2]
   assert data["batch_independent"] is True
+  assert data["parameters"] == [["['v']", [8, 2]], ["['w']", [3, 8]]]
+  assert "parameters: 2 leaves, 40 entries" in str(explanation)
 
 
 @dataclasses.dataclass(frozen=True)
