@@ -316,6 +316,12 @@ class _Builder:
         stop = ((f"before {eqn.primitive} (nonlinear in operand {operand})", False)
                 if answer is rules_lib.NONLINEAR_OPERAND else
                 (f"before {eqn.primitive}: its rule declines operand {operand}", True))
+        used = [v for v in eqn.outvars if readers.get(v)]
+        if results is not None and len(used) > 1:
+          # Several outputs read (a split): a fan-out, cut once before it, as for a
+          # value read several times.
+          results = None
+          stop = (f"at a fan-out: {len(used)} outputs of {eqn.primitive} are read", False)
       for view in vs:
         new, why = [], None
         for j, result in enumerate(results or ()):

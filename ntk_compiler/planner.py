@@ -275,6 +275,7 @@ def _estimate(problem: Problem, engine, engine2) -> Estimate:
       "ntk_vp": rates.seconds(flops["ntk_vp"], nbytes["ntk_vp"])}
   materialise, kinds, leaf_flops = set(), {}, {}
   pairwise_flops, materialised_flops = {}, {}
+  pairwise_seconds, materialised_seconds = {}, {}
   if engine is not None:
     cut_bytes = sum(8 * _prod(c.shape) for c in engine.cuts) * sum(sizes)
     structured_flops = activations["flops"] + activations["conv"]
@@ -289,7 +290,9 @@ def _estimate(problem: Problem, engine, engine2) -> Estimate:
                                    problem.batch_independent, problem.symmetric)
         pair, mat = pair + p, mat + m
       mat_bytes = 8 * _prod(engine.leaf_shapes[leaf]) * sum(sizes)
-      chosen_mat = rates.seconds(mat, mat_bytes) < rates.seconds(0, pair=pair)
+      pairwise_seconds[leaf] = rates.seconds(0, pair=pair)
+      materialised_seconds[leaf] = rates.seconds(mat, mat_bytes)
+      chosen_mat = materialised_seconds[leaf] < pairwise_seconds[leaf]
       if chosen_mat:
         materialise.add(leaf)
       kinds[leaf] = "materialised" if chosen_mat else "pairwise"
@@ -304,7 +307,8 @@ def _estimate(problem: Problem, engine, engine2) -> Estimate:
         structured_flops - activations["conv"] - pair_flops, structured_bytes,
         conv=activations["conv"], pair=pair_flops)
   return Estimate(flops, frozenset(materialise), kinds, leaf_flops, nbytes, seconds,
-                  pairwise_flops, materialised_flops, rates)
+                  pairwise_flops, materialised_flops, pairwise_seconds,
+                  materialised_seconds, rates)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -319,7 +323,10 @@ class Estimate:
     leaf_flops: per leaf, the FLOPs of the term chosen.
     bytes: estimated memory traffic of each method.
     seconds: estimated seconds of each method on this backend (`machine`'s rates).
-    pairwise_flops, materialised_flops: per leaf, both alternatives.
+    pairwise_flops, materialised_flops: per leaf, both alternatives' FLOPs.
+    pairwise_seconds, materialised_seconds: per leaf, both alternatives' estimated
+      seconds (the pairwise term at the measured rate of pairwise terms; the
+      materialised one at the matmul rate, with its per-example gradients' traffic).
     machine: the backend's rates the seconds come from.
   """
   flops: dict[str, float]
@@ -330,6 +337,8 @@ class Estimate:
   seconds: dict[str, float] = dataclasses.field(default_factory=dict)
   pairwise_flops: dict[int, int] = dataclasses.field(default_factory=dict)
   materialised_flops: dict[int, int] = dataclasses.field(default_factory=dict)
+  pairwise_seconds: dict[int, float] = dataclasses.field(default_factory=dict)
+  materialised_seconds: dict[int, float] = dataclasses.field(default_factory=dict)
   machine: Any = None
 
 
