@@ -81,7 +81,37 @@ def _select_outputs(f, kept: tuple[int, ...]):
 
 
 def plan(ntk_fn, params, x1, x2) -> Plan:
-  """Everything `ntk_fn` decides for these arguments' signature."""
+  """Everything `ntk_fn` decides for these arguments' signature.
+
+  Decided once per signature (pytree structures, shapes and dtypes of params, x1 and
+  x2): a later call with the same signature (the jitted computation, `explain()`,
+  `dump()`, validation, each tile of a tiled call) reuses the batch proof, the engine
+  plans and the estimate, with its own arrays in `problem`.
+  """
+  key = _signature(params, x1, x2)
+  cache = ntk_fn.__dict__.setdefault("_plans", {})
+  if key in cache:
+    cached = cache[key]
+    problem = dataclasses.replace(cached.problem, params=params, x1=x1, x2=x2)
+    return dataclasses.replace(cached, problem=problem)
+  result = _plan(ntk_fn, params, x1, x2)
+  if not any(isinstance(c, jax.core.Tracer) for engine in (result.engine, result.engine2)
+             if engine is not None for c in engine.consts):
+    # Kept without this call's arrays (tracers under jit); a plan holding f's traced
+    # constants is not kept at all.
+    bare = dataclasses.replace(result.problem, params=None, x1=None, x2=None)
+    cache[key] = dataclasses.replace(result, problem=bare)
+  return result
+
+
+def _signature(params, x1, x2):
+  def sig(tree):
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return treedef, tuple((jnp.shape(l), str(jnp.result_type(l))) for l in leaves)
+  return sig(params), sig(x1), None if x2 is None else sig(x2)
+
+
+def _plan(ntk_fn, params, x1, x2) -> Plan:
   _check_params(params)
   n1 = _check_inputs(x1, "x1")
   n2 = n1

@@ -144,3 +144,19 @@ def test_an_attention_block_cuts_each_shared_value_once():
   assert max(len(plan.engine.uses_of(leaf)) for leaf in range(5)) <= 3
   assert_matches(ntk_fn(params, x1, x2), oracle_ntk(f, params, x1, x2, trace_axes=()),
                  1e-10)
+
+
+def test_a_signature_is_planned_once():
+  params = {"w0": _normal((6, 16), 0) / 3, "w1": _normal((16, 3), 1) / 4}
+  x1, x2 = _normal((5, 6), 2), _normal((4, 6), 3)
+  ntk_fn = nc.compile_ntk(_mlp)
+  first = ntk_fn.plan(params, x1, x2)
+  again = ntk_fn.plan(params, x1 + 1, x2)  # same signature, other values
+  assert again.engine is first.engine and again.estimate is first.estimate
+  assert again.problem.x1 is not first.problem.x1
+  other = ntk_fn.plan(params, x1[:3], x2)  # another signature: planned anew
+  assert other.engine is not first.engine
+  assert ntk_fn.plan(params, x1).problem.symmetric
+  jitted = jax.jit(ntk_fn)(params, x1, x2)  # under jit: tracers are not kept
+  assert_matches(jitted, oracle_ntk(_mlp, params, x1, x2), 1e-10)
+  assert_matches(ntk_fn(params, x1 + 1, x2), oracle_ntk(_mlp, params, x1 + 1, x2), 1e-10)
