@@ -1043,61 +1043,119 @@ def _finish(y, layout, shape):
 
 def matvec(ntk_fn, params, x1, x2, v):
   """Θ(x1, x2)·v without the kernel (`NTKFunction.matvec`)."""
-  plan = ntk_fn.plan(params, x1, x2)
+  if _is_traced(params, x1, x2, v):
+    plan, est = ntk_fn.plan(params, x1, x2), None
+  else:  # planned once per signature
+    plan, est = cached_estimate(ntk_fn, params, x1, x2)
   vs = _vector_leaves(plan, v)
-  problem = plan.problem
+  problem = dataclasses.replace(plan.problem, params=params, x1=x1, x2=x2)
   outs = [jnp.zeros(tuple(n for a, n in enumerate(o.shape1) if a not in o.layout.trace),
                     o.dtype) for o in plan.outputs]
   if not problem.layouts or not jax.tree_util.tree_leaves(params):
     return plan.out_tree.unflatten(outs)
-  est = cached_estimate(ntk_fn, params, x1, x2)[1] if not _is_traced(
-      params, x1, x2, v) else None
+  mesh = None
+  if est is not None and (est.tiling.devices > 1 or isinstance(ntk_fn.devices, Mesh)):
+    mesh = mesh_of(ntk_fn.devices)
+  programs = ntk_fn.__dict__.setdefault("_scale_cache", {}).setdefault(
+      ("matvec", _signature_key(params, x1, x2),
+       None if _is_traced(params, x1, x2, v) else "concrete"), {})
   for k, i in enumerate(plan.kept):
     o = plan.outputs[i]
     with _precision(ntk_fn.precision):
-      y = _matvec_leaf(problem, k, o, jnp.asarray(vs[i]), est)
+      y = _matvec_leaf(problem, k, o, jnp.asarray(vs[i]), est, mesh, programs)
     outs[i] = y.astype(o.dtype)
   return plan.out_tree.unflatten(outs)
 
 
-def _matvec_leaf(problem, k, o, vk, est):
+def _put(mesh, tree, spec):
+  """Host arrays laid out over `mesh` (every process passes the same values)."""
+  sharding = NamedSharding(mesh, spec)
+  def one(a):
+    a = np.asarray(a)
+    return jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx])
+  return jax.tree_util.tree_map(one, tree)
+
+
+def _padded(a, start, stop, size):
+  """Rows start:stop of a host array, padded with zeros to `size` rows."""
+  part = a[start:stop]
+  if stop - start < size:
+    part = np.concatenate([part, np.zeros((size - (stop - start),) + part.shape[1:],
+                                          part.dtype)])
+  return part
+
+
+def _matvec_leaf(problem, k, o, vk, est, mesh, cache):
+  """Θ·v for output leaf k. Per example: in blocks of examples (the kernel's tiling),
+  each block split over `mesh` when there is one. Programs are kept in `cache` (one
+  per signature), so repeated products (Lanczos, CG) compile once."""
   layout, shape1, shape2 = o.layout, o.shape1, o.shape2
   fk = _leaf_fn(problem.f, k)
   axes = tuple(sorted(layout.trace + layout.diagonal))
-  x1, x2 = problem.x1, problem.second
+  x1, x2, params = problem.x1, problem.second, problem.params
   v_full = _full_v(vk, layout, shape2)
-  if problem.batch_independent and 0 in axes:
-    # Only pairs (x1[n], x2[n]) count: per example, vmapped over n.
+  def jitted(name, make):
+    if (name, k) not in cache:
+      cache[(name, k)] = make()
+    return cache[(name, k)]
+
+  if not problem.batch_independent or est is None:
+    run = jitted("whole", lambda: jax.jit(lambda p, a, b, vf: _push(
+        fk, p, a, _cotangents(fk, p, b, vf, axes), axes, shape1)))
+    return _finish(run(params, x1, x2, v_full), layout, shape1)
+  b = est.tiling.block1
+  h1, h2, hv = _host(x1), _host(x2), np.asarray(v_full)
+  n1, n2 = shape1[0], shape2[0]
+  spec = P(mesh.axis_names) if mesh is not None else None
+  put = (lambda t, sp: _put(mesh, t, sp)) if mesh is not None else (
+      lambda t, sp: jax.device_put(t))
+  p_dev = put(params, P())
+
+  def sharded(fn, in_specs, out_specs):
+    if mesh is None:
+      return jax.jit(fn)
+    return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                                 check_vma=False))
+
+  if 0 in axes:
+    # Only pairs (x1[n], x2[n]) count: per example, vmapped over a block's examples.
     single = lambda p, x: fk(p, jax.tree_util.tree_map(lambda a: a[None], x))[0]
     rest = tuple(a - 1 for a in axes if a)
 
-    def one(x1n, x2n, vn):
-      u = _cotangents(single, problem.params, x2n, vn, rest)
-      return _push(single, problem.params, x1n, u, rest, shape1[1:])
+    def pairs(p, xa, xb, vb):
+      def one(x1n, x2n, vn):
+        u = _cotangents(single, p, x2n, vn, rest)
+        return _push(single, p, x1n, u, rest, shape1[1:])
+      return jax.vmap(one)(xa, xb, vb)
 
-    y = jax.jit(jax.vmap(one))(x1, x2, v_full)
-    return _finish(y, layout, shape1)
-  if not problem.batch_independent or est is None or not est.tiling.split:
-    run = jax.jit(lambda p, a, b, vf: _push(fk, p, a, _cotangents(fk, p, b, vf, axes),
-                                            axes, shape1))
-    return _finish(run(problem.params, x1, x2, v_full), layout, shape1)
-  # Per example, tiled: u = Σ over x2's blocks of one VJP each; then one JVP per
-  # block of x1 (Θ·v is linear in v).
-  b = est.tiling.block1
-  vjp_block = jax.jit(lambda p, xb, vb: _cotangents(fk, p, xb, vb, axes))
-  n1, n2 = shape1[0], shape2[0]
-  h1, h2, hv = _host(x1), _host(x2), np.asarray(v_full)
+    run = jitted("pairs", lambda: sharded(pairs, (P(), spec, spec, spec), spec))
+    rows = []
+    for i in range(0, n1, b):
+      stop = min(i + b, n1)
+      y = run(p_dev, put(_block(h1, i, stop, b), spec), put(_block(h2, i, stop, b), spec),
+              put(_padded(hv, i, stop, b), spec))
+      rows.append(np.asarray(y)[:stop - i])
+    return _finish(jnp.asarray(np.concatenate(rows)), layout, shape1)
+  # u = Σ over x2's blocks of one VJP each (a padded row has a zero cotangent); then one
+  # JVP per block of x1 (Θ·v is linear in v).
+  axis = mesh.axis_names if mesh is not None else None
+
+  def vjp_block(p, xb, vb):
+    u = _cotangents(fk, p, xb, vb, axes)
+    return u if mesh is None else jax.lax.psum(u, axis)
+
+  local = b if mesh is None else b // mesh.devices.size
+  run_vjp = jitted("vjp", lambda: sharded(vjp_block, (P(), spec, spec), P()))
   u = None
   for j in range(0, n2, b):
     stop = min(j + b, n2)
-    vb = hv[j:stop]
-    if stop - j < b:  # zero cotangent on the padded rows
-      vb = np.concatenate([vb, np.zeros((b - (stop - j),) + vb.shape[1:], vb.dtype)])
-    part = vjp_block(problem.params, _block(h2, j, stop, b), vb)
+    part = run_vjp(p_dev, put(_block(h2, j, stop, b), spec), put(_padded(hv, j, stop, b), spec))
     u = part if u is None else jax.tree_util.tree_map(jnp.add, u, part)
-  push = jax.jit(lambda p, xa, uu: _push(fk, p, xa, uu, axes, (b,) + tuple(shape1[1:])))
+  push = jitted("jvp", lambda: sharded(
+      lambda p, xa, uu: _push(fk, p, xa, uu, axes, (local,) + tuple(shape1[1:])),
+      (P(), spec, P()), spec))
   rows = []
   for i in range(0, n1, b):
     stop = min(i + b, n1)
-    rows.append(np.asarray(push(problem.params, _block(h1, i, stop, b), u))[:stop - i])
+    rows.append(np.asarray(push(p_dev, put(_block(h1, i, stop, b), spec), u))[:stop - i])
   return _finish(jnp.asarray(np.concatenate(rows)), layout, shape1)

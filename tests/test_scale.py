@@ -304,6 +304,20 @@ def test_matvec_example_mixing_and_pytrees():
     assert_matches(ntk_fn.matvec(params, x1, x2, v), expected, RTOL)
 
 
+def test_matvec_under_jit_and_compiled_once():
+  model = models.mlp()
+  params, x1, _ = _draw(model)
+  ntk_fn = nc.compile_ntk(model.f, block_size=2)
+  kernel = _oracle(model, None)
+  v = np.arange(N1, dtype=np.float64)
+  assert_matches(jax.jit(ntk_fn.matvec)(params, x1, None, v), kernel @ v, RTOL)
+  ntk_fn.matvec(params, x1, None, v)
+  programs = [p for key, p in ntk_fn._scale_cache.items() if key[0] == "matvec"]
+  sizes = [len(p) for p in programs]
+  assert_matches(ntk_fn.matvec(params, x1, None, 2 * v), 2 * kernel @ v, RTOL)
+  assert [len(p) for p in programs] == sizes  # no new programs for a new v
+
+
 def test_matvec_refuses_wrong_shape():
   model = models.mlp()
   params, x1, x2 = _draw(model)
