@@ -29,6 +29,7 @@ they drift (±15 %).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -46,6 +47,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
   sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import ntk_compiler as nc  # noqa: E402
+from ntk_compiler import cost  # noqa: E402
 from benchmarks import models  # noqa: E402
 
 OURS = ("auto", "structured", "jacobian", "ntk_vp")
@@ -590,6 +592,13 @@ def main(argv=None) -> dict:
           "same_x": options.same_x, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
   print(f"JAX {meta['jax']} on {device.platform} ({device.device_kind}, {os.cpu_count()} "
         f"CPUs); float32 matmul peak {peak:.1f} GFLOP/s", flush=True)
+  # The cost model's rates are measured once per machine (then read from a disk cache):
+  # measured here, so no row's first call includes it.
+  rates = cost.machine()
+  meta["cost_model_rates"] = dataclasses.asdict(rates)
+  print(f"cost model rates ({'measured' if rates.measured else 'defaults'}): "
+        + ", ".join(f"{k} {v:.3g}" for k, v in dataclasses.asdict(rates).items()
+                    if isinstance(v, float)), flush=True)
   start = time.perf_counter()
   results, first_calls = [], []
   for name, kernel in rows:
