@@ -165,12 +165,16 @@ def _einsum(ops, result):
   return jnp.einsum(*args, result)
 
 
-def _contract(ops: list[analysis.Operand], sides, k: int, out: list[int]) -> jax.Array:
+def _contract(ops: list[analysis.Operand], sides, k: int, out: list[int],
+              memo: dict | None = None) -> jax.Array:
   """einsum of `ops` (each from the side in `sides`, by operand) to the labels `out`.
 
   Two one-hot factors along a summed label become a comparison of their positions; a
   one-hot factor along an output label is applied by a scatter-add; any other one-hot
-  factor is expanded.
+  factor is expanded. With a `memo`, the einsum is split into the groups of operands
+  that share summed labels (a cotangent Gram, an input Gram), multiplied at the end,
+  and each group is computed once for every term that has it: a bias and the weight
+  of the same layer share their cotangents' Gram.
   """
   dtype = jnp.result_type(*[side.cts[k][o.id] for o, side in zip(ops, sides)
                              if o.kind == "ct"])
@@ -189,6 +193,17 @@ def _contract(ops: list[analysis.Operand], sides, k: int, out: list[int]) -> jax
 
   ops = analysis.match_one_hots(ops, set(out))
   hot = analysis.scattered_one_hot(ops, out)
+  if hot is None and memo is not None and all(
+      o.kind != "mask" and o.one_hot is None for o in ops):
+    parts = []
+    for group in _groups(ops, out):
+      group_out = [l for l in out if any(l in o.labels for o in group)]
+      key = _group_key(group, group_out, [id(where[id(o)]) for o in group], k)
+      if key not in memo:
+        memo[key] = _einsum([(array(o), list(o.labels)) for o in group], group_out)
+      parts.append((memo[key], group_out))
+    return parts[0][0] if len(parts) == 1 and parts[0][1] == list(out) else _einsum(
+        parts, out)
   if hot is None:
     return _einsum([(array(o), list(o.labels)) for o in ops], out)
   rest = [o for o in ops if o is not hot]
@@ -207,15 +222,41 @@ def _contract(ops: list[analysis.Operand], sides, k: int, out: list[int]) -> jax
   return total.at[indices].add(values.astype(dtype), mode="drop")
 
 
+def _groups(ops: list[analysis.Operand], out) -> list[list[analysis.Operand]]:
+  """The operands split into groups connected by labels that are summed (not in
+  `out`): the einsum is the product of the groups' einsums."""
+  keep = set(out)
+  groups: list[list] = []
+  for o in ops:
+    summed = set(o.labels) - keep
+    joined = [g for g in groups if any(summed & set(p.labels) for p in g)]
+    merged = [o] + [p for g in joined for p in g]
+    groups = [g for g in groups if not any(g is j for j in joined)] + [merged]
+  return groups
+
+
+def _group_key(group, group_out, side_ids, k: int):
+  """A key equal for two groups that compute the same array: operands (side, kind,
+  id) in a canonical order, labels renamed by first appearance."""
+  order = sorted(range(len(group)),
+                 key=lambda i: (side_ids[i], group[i].kind, group[i].id, group[i].labels))
+  names: dict = {}
+  canon = lambda l: names.setdefault(l, len(names))
+  operands = tuple((side_ids[i], group[i].kind, group[i].id,
+                    tuple(canon(l) for l in group[i].labels)) for i in order)
+  return k, operands, tuple(canon(l) for l in group_out)
+
+
 def pair_term(plans, u: Use, v: Use, side1: Side, side2: Side, k: int, layout: Layout,
-              shapes, per_example: bool) -> jax.Array:
+              shapes, per_example: bool, memo: dict | None = None) -> jax.Array:
   """Σ_w (ct1·∂y_u/∂w)(ct2·∂y_v/∂w)ᵀ for uses u, v of one leaf with the same base."""
   s1, s2, result = layout.indices()
   labels = analysis.Labels(layout.num_indices)
   ops1 = analysis.operands(plans[0], u, s1, shapes[0], "1", labels, per_example)
   ops2 = analysis.operands(plans[1], v, s2, shapes[1], "2", labels, per_example)
   scale = u.view.scale * v.view.scale * analysis.absent_w_size(u.view, ops1 + ops2, labels)
-  term = _contract(ops1 + ops2, [side1] * len(ops1) + [side2] * len(ops2), k, result)
+  term = _contract(ops1 + ops2, [side1] * len(ops1) + [side2] * len(ops2), k, result,
+                   memo)
   return term if scale == 1.0 else term * scale
 
 
@@ -253,7 +294,7 @@ def _unbase(g, base, lead: int, leaf_shape):
 
 def contract_leaf(plan1: Plan, plan2: Plan, leaf: int, side1: Side, side2: Side,
                   symmetric: bool, k: int, layout: Layout, shapes, per_example: bool,
-                  materialize: bool):
+                  materialize: bool, memo: dict | None = None):
   """The kernel term of one parameter leaf for output leaf k, or None if it is unused.
 
   Pairwise structured einsums when every use shares one base (indexing of the leaf);
@@ -279,7 +320,7 @@ def contract_leaf(plan1: Plan, plan2: Plan, leaf: int, side1: Side, side2: Side,
       if symmetric and j < i:
         continue
       term = pair_term((plan1, plan2), u, v, side1, side2, k, layout, shapes,
-                       per_example)
+                       per_example, memo)
       if symmetric and j > i:
         term = term + jnp.transpose(term, layout.mirror_perm())
       total = term if total is None else total + term
@@ -306,8 +347,10 @@ def structured_ntk(plan1: Plan, plan2: Plan | None, params: list, x1: list,
   kernels = []
   with jax.named_scope("ntk/contract"):
     for k, layout in enumerate(layouts):
+      memo: dict = {}  # the groups of pair terms shared between leaves
       terms = [contract_leaf(plan1, plan2, leaf, side1, side2, symmetric, k, layout,
-                             (shapes1[k], shapes2[k]), per_example, leaf in materialize)
+                             (shapes1[k], shapes2[k]), per_example, leaf in materialize,
+                             memo)
                for leaf in range(plan1.num_params)]
       terms = [t for t in terms if t is not None]
       kernel = (sum(terms[1:], terms[0]) if terms
