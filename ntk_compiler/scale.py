@@ -856,7 +856,7 @@ def tiling_sizes(plan, tiling):
 
 # A memmap's written pages are flushed and dropped from the process (they stay in the
 # file and the page cache) every this many bytes, so its resident memory stays small.
-RELEASE_BYTES = 256 * 2**20
+RELEASE_BYTES = 64 * 2**20
 
 
 def _release(dest) -> None:
