@@ -634,7 +634,17 @@ def contraction_flops(ops: list[Operand], out) -> int:
   ops = match_one_hots(ops, set(out))
   hot = scattered_one_hot(ops, out)
   if hot is None:
-    return cost.einsum_flops([o.labels for o in ops], list(out), _sizes(ops))
+    # Labels only one operand carries (and `out` lacks) are summed in it first, as
+    # `jnp.einsum` does: a bias's positions before its cotangents meet.
+    sizes = _sizes(ops)
+    counts: dict = {}
+    for o in ops:
+      for l in set(o.labels):
+        counts[l] = counts.get(l, 0) + 1
+    lone = {l for l, c in counts.items() if c == 1 and l not in out}
+    first = sum(math.prod(o.shape) for o in ops if set(o.labels) & lone)
+    labels = [tuple(l for l in o.labels if l not in lone) for o in ops]
+    return first + cost.einsum_flops(labels, list(out), sizes)
   rest = [o for o in ops if o is not hot]
   inner = scatter_labels(hot, out)
   carried = [l for l in inner if any(l in o.labels for o in rest)]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -195,12 +194,24 @@ def _contract(ops: list[analysis.Operand], sides, k: int, out: list[int],
   hot = analysis.scattered_one_hot(ops, out)
   if hot is None and memo is not None and all(
       o.kind != "mask" and o.one_hot is None for o in ops):
+    original = ops
+    # Summed axes of size 1 (a per-example row) are dropped first: they would join
+    # groups that are independent.
+    unit = {l for o in ops for l, n in zip(o.labels, o.shape) if n == 1 and l not in out}
+    ops = [dataclasses.replace(
+        o, labels=tuple(l for l in o.labels if l not in unit),
+        shape=tuple(n for l, n in zip(o.labels, o.shape) if l not in unit)) if set(
+            o.labels) & unit else o for o in ops]
+    squeezed = {id(o): [a for a, l in enumerate(before.labels) if l in unit]
+                for o, before in zip(ops, original)}
+    where.update({id(o): where[id(before)] for o, before in zip(ops, original)})
     parts = []
     for group in _groups(ops, out):
       group_out = [l for l in out if any(l in o.labels for o in group)]
       key = _group_key(group, group_out, [id(where[id(o)]) for o in group], k)
       if key not in memo:
-        memo[key] = _einsum([(array(o), list(o.labels)) for o in group], group_out)
+        memo[key] = _einsum([(_squeeze(array(o), squeezed[id(o)]), list(o.labels))
+                             for o in group], group_out)
       parts.append((memo[key], group_out))
     return parts[0][0] if len(parts) == 1 and parts[0][1] == list(out) else _einsum(
         parts, out)
@@ -220,6 +231,10 @@ def _contract(ops: list[analysis.Operand], sides, k: int, out: list[int],
       jnp.int32, shape, inner.index(l)) for l in out)
   total = jnp.zeros([sizes[l] for l in out], dtype)
   return total.at[indices].add(values.astype(dtype), mode="drop")
+
+
+def _squeeze(array, axes):
+  return jnp.squeeze(array, tuple(axes)) if axes else array
 
 
 def _groups(ops: list[analysis.Operand], out) -> list[list[analysis.Operand]]:

@@ -322,7 +322,11 @@ def _estimate(problem: Problem, engine, engine2) -> Estimate:
       mat_bytes = 8 * _prod(engine.leaf_shapes[leaf]) * sum(sizes)
       pairwise_seconds[leaf] = rates.seconds(0, pair=pair)
       materialised_seconds[leaf] = rates.seconds(mat, mat_bytes)
-      chosen_mat = materialised_seconds[leaf] < pairwise_seconds[leaf]
+      # A leaf whose uses carry no factor arrays (a bias added to a value) has the
+      # same contraction both ways: pairwise, it shares the cotangents' Gram with the
+      # other leaves cut at that value (emit's memo).
+      plain = all(not f.labels for u in engine.uses_of(leaf) for f in u.view.factors)
+      chosen_mat = not plain and materialised_seconds[leaf] < pairwise_seconds[leaf]
       if chosen_mat:
         materialise.add(leaf)
       kinds[leaf] = "materialised" if chosen_mat else "pairwise"
