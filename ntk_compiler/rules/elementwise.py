@@ -83,10 +83,7 @@ def def_identity(primitive, sign: float = 1.0) -> Rule:
 
   Returns:
     The registered rule: every axis traced, with the scalar `sign` as factor.
-
-  Example:
-    >>> import jax
-    >>> neg_rule = def_identity(jax.lax.neg_p, -1.0)
+    (This module registers `neg` as `def_identity(lax.neg_p, -1.0)`.)
   """
   @register_rule(primitive)
   def rule(eqn: EqnInfo, operand: int) -> RuleResult | None:
