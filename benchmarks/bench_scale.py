@@ -1,4 +1,4 @@
-"""Scale benchmarks (issue 10): tiles under a budget, streaming to disk, the jacobian method.
+"""Scale benchmarks: tiles under a budget, streaming to disk, the jacobian method.
 
     .venv/bin/python benchmarks/bench_scale.py [--part symmetric|stream|jacobian|all]
         [--n N] [--memory 2GB] [--path kernel.npy]
@@ -141,7 +141,8 @@ def main(argv=None) -> None:
   parser.add_argument("--part", default="all", choices=[*PARTS, "all"])
   parser.add_argument("--n", type=int, help="examples (default: the issue's)")
   parser.add_argument("--memory", help="max_memory (default: the issue's)")
-  parser.add_argument("--path", help="stream: where to write the .npy (default: a temp file)")
+  parser.add_argument("--path",
+                      help="stream: where to write the .npy (default: a temp file)")
   parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.child:

@@ -97,7 +97,8 @@ def default_budget(devices) -> int:
 # --- devices ----------------------------------------------------------------------------
 
 def check_devices(devices) -> Any:
-  """`devices=` as given to compile_ntk: None, a non-empty sequence of devices or a Mesh."""
+  """`devices=` as given to compile_ntk: None, a non-empty sequence of devices or a
+  Mesh."""
   if devices is None or isinstance(devices, Mesh):
     return devices
   try:
@@ -157,7 +158,7 @@ class Sizes:
   item: int     # bytes of one kernel entry
   inputs1: float  # input bytes per example
   inputs2: float
-  materialised: int = 0  # parameter entries of the leaves the structured plan materialises
+  materialised: int = 0  # entries of the leaves the structured plan materialises
   leaves: int = 1  # parameter leaves (the structured method sums one term per leaf)
 
 
@@ -464,7 +465,8 @@ class Progress:
   plain line on a terminal (progress=True, or None on a terminal), or nothing."""
 
   def __init__(self, progress, total: int):
-    self.total, self.start, self.callback, self.bar = total, time.perf_counter(), None, None
+    self.total, self.start = total, time.perf_counter()
+    self.callback = self.bar = None
     self.line = False
     if callable(progress):
       self.callback = progress
@@ -967,7 +969,8 @@ def call(ntk_fn, params, x1, x2=None, out=None):
   if not explicit and one_device and _fits_quickly(ntk_fn, params, x1, x2):
     return ntk_fn._jitted(params, x1, x2)
   plan, est = cached_estimate(ntk_fn, params, x1, x2)
-  if not explicit and est.tiling.devices == 1 and (est.fits or est.tiling.mode == "whole"):
+  in_one_piece = est.fits or est.tiling.mode == "whole"
+  if not explicit and est.tiling.devices == 1 and in_one_piece:
     if not est.fits:
       _warn_whole(plan, est)
     return ntk_fn._jitted(params, x1, x2)
@@ -1149,7 +1152,8 @@ def _matvec_leaf(problem, k, o, vk, est, mesh, cache):
   u = None
   for j in range(0, n2, b):
     stop = min(j + b, n2)
-    part = run_vjp(p_dev, put(_block(h2, j, stop, b), spec), put(_padded(hv, j, stop, b), spec))
+    part = run_vjp(p_dev, put(_block(h2, j, stop, b), spec),
+                   put(_padded(hv, j, stop, b), spec))
     u = part if u is None else jax.tree_util.tree_map(jnp.add, u, part)
   push = jitted("jvp", lambda: sharded(
       lambda p, xa, uu: _push(fk, p, xa, uu, axes, (local,) + tuple(shape1[1:])),

@@ -48,7 +48,7 @@ def _paired(layout):
   return 0 in layout[0] + layout[1]
 
 
-# --- max_memory ---------------------------------------------------------------------------
+# --- max_memory -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("value, expected", [
     (1000, 1000), ("2GB", 2 * 10**9), ("512MiB", 512 * 2**20), ("1.5 GiB", 3 * 2**29),
@@ -81,7 +81,7 @@ def test_default_budget_is_a_share_of_memory():
   assert 2**20 < budget < os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-# --- tiles equal the kernel in one piece ---------------------------------------------------
+# --- tiles equal the kernel in one piece ------------------------------------------------
 
 def _quick(grid, kept):
   """The grid's params, all but `kept` in the full tier only."""
@@ -185,7 +185,7 @@ def test_under_jit_computes_in_one_piece():
     jax.jit(lambda p, x: ntk_fn(p, x, out=np.zeros((5, 5))))(params, x1)
 
 
-# --- out= ---------------------------------------------------------------------------------
+# --- out= -------------------------------------------------------------------------------
 
 def test_out_memmap(tmp_path, monkeypatch):
   monkeypatch.setattr(scale, "RELEASE_BYTES", 1)  # pages dropped after every tile
@@ -226,7 +226,7 @@ def test_out_pytree_and_errors():
     ntk_fn(params, x1, out={"logits": frozen, "aux": [np.empty((N1, N1))]})
 
 
-# --- progress -----------------------------------------------------------------------------
+# --- progress ---------------------------------------------------------------------------
 
 def test_progress_callback():
   model = models.mlp()
@@ -253,7 +253,7 @@ def test_progress_line(capsys, monkeypatch):
   assert capsys.readouterr().err == ""
 
 
-# --- Θ·v ----------------------------------------------------------------------------------
+# --- Θ·v --------------------------------------------------------------------------------
 
 def _kernel_times(kernel, layout, v):
   s1, s2, result = layout.indices()
@@ -326,7 +326,7 @@ def test_matvec_refuses_wrong_shape():
     ntk_fn.matvec(params, x1, x2, np.ones((3, 4)))
 
 
-# --- devices ------------------------------------------------------------------------------
+# --- devices ----------------------------------------------------------------------------
 
 _SHARDED = textwrap.dedent("""
     import sys
