@@ -321,6 +321,7 @@ TABLES = {"t": rand(5, 6, 2), "v": rand(2, 2, seed=1), "t2": rand(5, 6, seed=2),
           "v2": rand(10, 2, seed=3)}
 
 
+@pytest.mark.full
 def test_two_axis_lookup():
   params = {k: TABLES[k] for k in ("t", "v")}
   e = check(table_2d, params, rand(4, 3, 3, seed=4), rand(2, 3, 3, seed=5),

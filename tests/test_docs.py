@@ -17,7 +17,13 @@ PACKAGE = ROOT / "ntk_compiler"
 OPTIONAL = ("flax", "equinox")
 
 
-@pytest.mark.parametrize("page", sorted(p.name for p in DOCS.glob("*.md")))
+# libraries.md's Flax / Equinox models also run in tests/test_libraries.py: full tier.
+SLOW_PAGES = ("libraries.md",)
+
+
+@pytest.mark.parametrize("page", [
+    pytest.param(name, marks=pytest.mark.full) if name in SLOW_PAGES else name
+    for name in sorted(p.name for p in DOCS.glob("*.md"))])
 def test_code_blocks_run(page):
   """Every ```python block of a page, in order, in one namespace. (Blocks fenced as
   ```py show code for other libraries, neural_tangents or torch, and are not run.)"""

@@ -367,6 +367,7 @@ def test_strict_raises_naming_the_parameter():
     ntk_fn(params, x)
 
 
+@pytest.mark.full
 def test_strict_accepts_nonlinear_stops_and_structured_models():
   """sort / cumprod are nonlinear: the view stops before them without a fallback."""
   params, x = _gather_params()
