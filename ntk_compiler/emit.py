@@ -359,16 +359,83 @@ def structured_ntk(plan1: Plan, plan2: Plan | None, params: list, x1: list,
   else:
     with jax.named_scope("ntk/side2"):
       side2 = side(plan2, params, x2, per_example)
-  kernels = []
   with jax.named_scope("ntk/contract"):
-    for k, layout in enumerate(layouts):
-      memo: dict = {}  # the groups of pair terms shared between leaves
-      terms = [contract_leaf(plan1, plan2, leaf, side1, side2, symmetric, k, layout,
-                             (shapes1[k], shapes2[k]), per_example, leaf in materialize,
-                             memo)
-               for leaf in range(plan1.num_params)]
-      terms = [t for t in terms if t is not None]
-      kernel = (sum(terms[1:], terms[0]) if terms
-                else jnp.zeros(layout.kernel_shape(shapes1[k], shapes2[k])))
-      kernels.append(kernel / layout.trace_size(shapes1[k]))
+    return contract_kernels(plan1, plan2, side1, side2, symmetric, layouts, shapes1,
+                            shapes2, per_example, materialize)
+
+
+# Θ(x1, x1) of at least this many examples is contracted in two halves (three blocks
+# of example pairs, the fourth mirrored) where the terms are pairwise.
+SYMMETRIC_BLOCKS_FROM = 32
+
+
+def contract_kernels(plan1: Plan, plan2: Plan, side1: Side, side2: Side, symmetric: bool,
+                     layouts, shapes1, shapes2, per_example: bool,
+                     materialize: frozenset = frozenset()) -> list[jax.Array]:
+  """Every output leaf's kernel from both sides' cotangents and factors.
+
+  With x2 omitted (`symmetric`), per example, the pairwise terms of N >=
+  `SYMMETRIC_BLOCKS_FROM` examples are contracted for the pairs of two halves A, B:
+  (A, A), (A, B) and (B, B), and (B, A) is (A, B) mirrored: 3/4 of the pair work.
+  Materialised leaves contract their per-example gradients once, whole.
+  """
+  kernels = []
+  for k, layout in enumerate(layouts):
+    shapes = (shapes1[k], shapes2[k])
+    n = shapes1[k][0] if shapes1[k] else 0
+    blocked = (symmetric and per_example and n >= SYMMETRIC_BLOCKS_FROM
+               and 0 not in layout.trace + layout.diagonal)
+    leaves = range(plan1.num_params)
+    whole = [l for l in leaves if not blocked or l in materialize]
+    terms = _leaf_terms(plan1, plan2, whole, side1, side2, symmetric, k, layout,
+                        shapes, per_example, materialize)
+    if blocked:
+      halves = [l for l in leaves if l not in whole]
+      terms.append(_halves_term(plan1, halves, side1, k, layout, shapes, materialize))
+    terms = [t for t in terms if t is not None]
+    kernel = (sum(terms[1:], terms[0]) if terms
+              else jnp.zeros(layout.kernel_shape(*shapes)))
+    kernels.append(kernel / layout.trace_size(shapes1[k]))
   return kernels
+
+
+def _leaf_terms(plan1, plan2, leaves, side1, side2, symmetric, k, layout, shapes,
+                per_example, materialize) -> list:
+  memo: dict = {}  # the groups of pair terms shared between leaves
+  return [contract_leaf(plan1, plan2, leaf, side1, side2, symmetric, k, layout, shapes,
+                        per_example, leaf in materialize, memo)
+          for leaf in leaves]
+
+
+def _halves_term(plan: Plan, leaves, side: Side, k: int, layout: Layout, shapes,
+                 materialize):
+  """Σ over `leaves` of Θ(x, x)'s terms, from the pair blocks of two halves."""
+  if not leaves:
+    return None
+  n = shapes[0][0]
+  h = n // 2
+  a, b = _slice_side(plan, side, 0, h), _slice_side(plan, side, h, n)
+  part = lambda m: (m,) + tuple(shapes[0][1:])
+
+  def block(s1, s2, n1, n2, symmetric):
+    terms = [t for t in _leaf_terms(plan, plan, leaves, s1, s2, symmetric, k, layout,
+                                    (part(n1), part(n2)), True, materialize)
+             if t is not None]
+    return sum(terms[1:], terms[0]) if terms else None
+
+  aa, ab, bb = block(a, a, h, h, True), block(a, b, h, n - h, False), block(
+      b, b, n - h, n - h, True)
+  if aa is None:
+    return None
+  ba = jnp.transpose(ab, layout.mirror_perm())
+  return jnp.concatenate([jnp.concatenate([aa, ab], axis=1),
+                          jnp.concatenate([ba, bb], axis=1)], axis=0)
+
+
+def _slice_side(plan: Plan, side: Side, start: int, stop: int) -> Side:
+  """The examples start:stop of a per-example side (factors that do not depend on
+  the example are shared)."""
+  batched = {f.id: f.batched for fs in plan.factors.values() for f, _ in fs}
+  cts = [{c: a[start:stop] for c, a in per_leaf.items()} for per_leaf in side.cts]
+  factors = {i: a[start:stop] if batched.get(i) else a for i, a in side.factors.items()}
+  return Side(cts, factors)

@@ -23,7 +23,6 @@ import re
 import sys
 import time
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -687,20 +686,13 @@ class _Sides:
         side1, side2 = emit.Side(*s1), emit.Side(*s2)
         b1 = jax.tree_util.tree_leaves(s1)[0].shape[0]
         b2 = jax.tree_util.tree_leaves(s2)[0].shape[0]
-        kernels = []
+        shapes1 = [(b1,) + tuple(s[1:]) for s in problem.shapes1]
+        shapes2 = [(b2,) + tuple(s[1:]) for s in problem.shapes2]
         with _precision(self.precision):
-          for k, layout in enumerate(problem.layouts):
-            shape1 = (b1,) + tuple(problem.shapes1[k][1:])
-            shape2 = (b2,) + tuple(problem.shapes2[k][1:])
-            terms = [emit.contract_leaf(self.engine1, self.engine2, leaf, side1, side2,
-                                        symmetric, k, layout, (shape1, shape2), True,
-                                        leaf in materialise)
-                     for leaf in range(self.engine1.num_params)]
-            terms = [t for t in terms if t is not None]
-            kernel = (sum(terms[1:], terms[0]) if terms
-                      else jnp.zeros(layout.kernel_shape(shape1, shape2)))
-            kernels.append((kernel / layout.trace_size(shape1)).astype(dtypes[k]))
-        return kernels
+          kernels = emit.contract_kernels(self.engine1, self.engine2, side1, side2,
+                                          symmetric, problem.layouts, shapes1, shapes2,
+                                          True, materialise)
+        return [kernel.astype(dtype) for kernel, dtype in zip(kernels, dtypes)]
       self._pair[symmetric] = jax.jit(fn)
     return self._pair[symmetric]
 

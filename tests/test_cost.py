@@ -160,3 +160,24 @@ def test_a_signature_is_planned_once():
   jitted = jax.jit(ntk_fn)(params, x1, x2)  # under jit: tracers are not kept
   assert_matches(jitted, oracle_ntk(_mlp, params, x1, x2), 1e-10)
   assert_matches(ntk_fn(params, x1 + 1, x2), oracle_ntk(_mlp, params, x1 + 1, x2), 1e-10)
+
+
+@pytest.mark.parametrize("trace_axes", [(-1,), ()])
+def test_symmetric_kernels_contract_half_the_pairs_exactly(trace_axes):
+  """x2 omitted, N >= emit.SYMMETRIC_BLOCKS_FROM: pairwise terms from three blocks of
+  example pairs (one mirrored), materialised ones whole; odd N splits unevenly."""
+  from ntk_compiler import emit
+  n = emit.SYMMETRIC_BLOCKS_FROM + 1
+  params = {"w0": _normal((6, 16), 0) / 3, "b0": _normal((16,), 4) / 3,
+            "w1": _normal((16, 3), 1) / 4, "table": _normal((7, 16), 5)}
+
+  def f(p, x):
+    h = jnp.tanh(x @ p["w0"] + p["b0"] + p["table"][(x[:, 0] > 0).astype(int)])
+    return h @ p["w1"]
+
+  x = _normal((n, 6), 2)
+  ntk_fn = nc.compile_ntk(f, method="structured", trace_axes=trace_axes)
+  plan = ntk_fn.plan(params, x)
+  assert plan.batch.independent
+  assert {"pairwise", "materialised"} <= set(plan.estimate.kinds.values())
+  assert_matches(ntk_fn(params, x), oracle_ntk(f, params, x, trace_axes=trace_axes), 1e-10)
