@@ -18,6 +18,7 @@ from benchmarks import models, suite  # noqa: E402
 from tiers import full  # noqa: E402
 
 
+@pytest.mark.full
 def test_quick_row_runs_and_candidates_agree(tmp_path, capsys):
   path = tmp_path / "out.json"
   suite.main(["--quick", "--only", "mlp-w512-n16:full,diamonds", "--repeats", "1",

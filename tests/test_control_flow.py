@@ -90,6 +90,7 @@ def test_while_rewritten_and_reported():
   assert use.steps[0] == "dynamic_slice" and "dot_general" in use.steps
 
 
+@pytest.mark.full
 def test_custom_derivatives_use_the_user_rules():
   """custom_vjp on a weight and custom_jvp: the view stops before them (not a
   fallback) and the user's rules give the derivative: the kernel differs from the one

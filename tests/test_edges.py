@@ -130,6 +130,7 @@ def test_token_ids_of_different_integer_dtypes(d1, d2):
 
 # Case 8: quiet surprises.
 
+@pytest.mark.full
 def test_scalar_outputs_with_the_default_trace_axes():
   f = lambda p, x: mlp(p, x)[:, 0]  # (N,)
   with pytest.raises(ValueError, match=r"axis -1 is axis 0 .* its batch axis.*"

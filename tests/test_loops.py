@@ -212,6 +212,7 @@ def _draw(seed, n1, n2):
           jax.random.normal(keys[4], (n2, 4)))
 
 
+@pytest.mark.full
 def test_jacrev_fails_on_while_and_works_after_rewrite():
   params, x, _ = _draw(0, 3, 2)
   with pytest.raises(ValueError, match="[Rr]everse-mode differentiation"):
