@@ -113,7 +113,8 @@ def test_custom_derivatives_use_the_user_rules():
   assert not np.allclose(kernel, plain_kernel, rtol=1e-3)
 
 
-@pytest.mark.parametrize("with_x2", [True, pytest.param(False, marks=tiers.full)])
+@pytest.mark.full  # tests/test_loops.py covers the rewrite in the quick tier
+@pytest.mark.parametrize("with_x2", [True, False])
 def test_all_methods_agree_on_a_while_model(with_x2):
   model = BY_NAME["while_fixed_trips"]
   params, x1, x2 = model.draw(1, 3, 2, jnp.float64)
