@@ -257,7 +257,11 @@ class NTKFunction:
       >>> explanation.leaves[0].uses[0].steps
       ('dot_general',)
     """
-    return inspect.explain(self, planner.plan(self, params, x1, x2), params, x1)
+    explanation = inspect.explain(self, planner.plan(self, params, x1, x2), params, x1)
+    if any(isinstance(a, jax.core.Tracer)
+           for a in jax.tree_util.tree_leaves((params, x1, x2))):
+      return explanation
+    return dataclasses.replace(explanation, scale=str(self.estimate(params, x1, x2)))
 
   def dump(self, directory: Any, params: Any, x1: Any,
            x2: Any = None) -> dict[str, Any]:

@@ -119,6 +119,8 @@ class Explanation:
     function: the name of f.
     rates: the backend's rates behind the estimated times, when the cost model has them.
     parameters: (path, shape) of every parameter leaf.
+    scale: the call's FLOPs, peak bytes and tiling under the memory budget (the text
+      of `NTKFunction.estimate`), when known.
   """
   method: str
   reason: str
@@ -133,6 +135,7 @@ class Explanation:
   function: str = ""
   rates: str = ""  # the backend rates the cost model turned FLOPs and bytes into time
   parameters: tuple[tuple[str, tuple[int, ...]], ...] = ()  # (path, shape) per leaf
+  scale: str = ""  # the call's memory estimate and tiling (NTKFunction.estimate)
 
   @property
   def batch_independent(self) -> bool:
@@ -189,6 +192,8 @@ class Explanation:
     lines += _cost_table(self.costs or {"flops": self.estimates}, self.method)
     if self.rates:
       lines.append(f"  (times at {self.rates})")
+    if self.scale:
+      lines.append(self.scale)
     lines += [f"loop: {note}" for note in self.loops]
     if self.method == "structured":
       lines.append(_fallback_summary(self))

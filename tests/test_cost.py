@@ -181,3 +181,13 @@ def test_symmetric_kernels_contract_half_the_pairs_exactly(trace_axes):
   assert plan.batch.independent
   assert {"pairwise", "materialised"} <= set(plan.estimate.kinds.values())
   assert_matches(ntk_fn(params, x), oracle_ntk(f, params, x, trace_axes=trace_axes), 1e-10)
+
+
+def test_explain_shows_the_memory_estimate_and_tiling():
+  params = {"w0": _normal((6, 16), 0) / 3, "w1": _normal((16, 3), 1) / 4}
+  x = _normal((5, 6), 2)
+  ntk_fn = nc.compile_ntk(_mlp, max_memory="1GB")
+  text = str(ntk_fn.explain(params, x))
+  assert str(ntk_fn.estimate(params, x)) in text and "in one piece" in text
+  tiled = nc.compile_ntk(_mlp, block_size=2)
+  assert "tiles of 2 x 2 examples" in str(tiled.explain(params, x))
