@@ -177,8 +177,8 @@ class _Builder:
         return [], False
       return views.get(atom, []), dep.get(atom, False)
 
-    consumers = _consumers(jaxpr)
     readers = _readers(jaxpr)
+    consumers = {v: len(found) for v, found in readers.items()}
     for i, eqn in enumerate(jaxpr.eqns):
       path = prefix + (i,)
       op_views, op_dep = zip(*[read(a) for a in eqn.invars]) if eqn.invars else ((), ())
@@ -428,21 +428,6 @@ def _carries_derivative(eqn) -> bool:
   stop_gradient)."""
   return eqn.primitive is not _STOP_GRADIENT and any(
       jnp.issubdtype(v.aval.dtype, jnp.inexact) for v in eqn.outvars)
-
-
-def _consumers(jaxpr) -> dict:
-  """How many times each variable is read where a derivative flows: by equations
-  (once per operand) and as an output of the jaxpr."""
-  count: dict = {}
-  for eqn in jaxpr.eqns:
-    if _carries_derivative(eqn):
-      for a in eqn.invars:
-        if not isinstance(a, compat.Literal):
-          count[a] = count.get(a, 0) + 1
-  for v in jaxpr.outvars:
-    if not isinstance(v, compat.Literal):
-      count[v] = count.get(v, 0) + 1
-  return count
 
 
 def _readers(jaxpr) -> dict:
