@@ -1,5 +1,6 @@
-"""Rules for the contractions: `dot_general`, `conv_general_dilated`, and the real
-FFT (`fft` of a real array), whose Jacobian is a dense DFT block."""
+"""Rules for the contractions: `dot_general`, `conv_general_dilated`, and `fft` (the
+real FFT of a real array, the complex FFT and IFFT), whose Jacobian is a dense DFT
+block."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ntk_compiler.rules import EqnInfo, RuleResult, register_rule
+from ntk_compiler.rules import NOT_COMPLEX_LINEAR, EqnInfo, RuleResult, register_rule
 from ntk_compiler.structure import Structure
 
 
@@ -54,16 +55,26 @@ def _conv_kwargs(eqn: EqnInfo) -> dict:
 
 def _patches(eqn: EqnInfo, x, filter_shape):
   """P[n, i, f..., s...]: the lhs entry that kernel entry (i, f...) meets at output
-  (n, s...), by a depthwise conv with an identity kernel (as conv_general_dilated_patches)."""
+  (n, s...). Padding (and lhs dilation, as interior padding) once, then one strided
+  slice per filter offset: memory traffic only, where a depthwise conv with an identity
+  kernel (conv_general_dilated_patches) runs as a slow grouped convolution on CPU."""
   lhs_spec = eqn.params["dimension_numbers"].lhs_spec
-  cin, k, nsp = x.shape[lhs_spec[1]], math.prod(filter_shape), len(filter_shape)
-  eye = jnp.eye(k, dtype=x.dtype).reshape(k, 1, *filter_shape)
-  canon = tuple(range(nsp + 2))
-  out = lax.conv_general_dilated(
-      x, jnp.tile(eye, (cin,) + (1,) * (nsp + 1)), feature_group_count=cin,
-      dimension_numbers=lax.ConvDimensionNumbers(lhs_spec, canon, canon),
-      **_conv_kwargs(eqn))
-  return out.reshape(out.shape[0], cin, *filter_shape, *out.shape[2:])
+  nsp = len(filter_shape)
+  x = jnp.transpose(x, lhs_spec)  # (n, i, spatial...)
+  pads = [(0, 0, 0)] * 2 + [(lo, hi, d - 1) for (lo, hi), d in
+                            zip(eqn.params["padding"], eqn.params["lhs_dilation"])]
+  x = lax.pad(x, jnp.zeros((), x.dtype), pads)
+  strides, rhs_dilation = eqn.params["window_strides"], eqn.params["rhs_dilation"]
+  out_sp = [(x.shape[2 + j] - (filter_shape[j] - 1) * rhs_dilation[j] - 1) // strides[j] + 1
+            for j in range(nsp)]
+  taps = []
+  for offset in np.ndindex(*filter_shape):
+    start = [0, 0] + [o * d for o, d in zip(offset, rhs_dilation)]
+    limit = list(x.shape[:2]) + [s + (m - 1) * st + 1
+                                 for s, m, st in zip(start[2:], out_sp, strides)]
+    taps.append(lax.slice(x, start, limit, (1, 1, *strides)))
+  out = jnp.stack(taps, axis=2)  # (n, i, k, s...)
+  return out.reshape(*x.shape[:2], *filter_shape, *out_sp)
 
 
 def _named_transpose(x, names, order):
@@ -145,27 +156,32 @@ def conv_rule(eqn: EqnInfo, operand: int) -> RuleResult | None:
   return _conv_input_rule(eqn)
 
 
-def _dft(n_out: int, n_in: int) -> np.ndarray:
-  """(n_out, n_in): entry (k, j) = exp(-2πi k j / n_in), the forward DFT's first rows."""
+def _dft(n_out: int, n_in: int, sign: float = -1.0) -> np.ndarray:
+  """(n_out, n_in): entry (k, j) = exp(sign 2πi k j / n_in), the DFT's first rows."""
   k, j = np.arange(n_out)[:, None], np.arange(n_in)[None, :]
-  return np.exp(-2j * np.pi * ((k * j) % n_in) / n_in)
+  return np.exp(sign * 2j * np.pi * ((k * j) % n_in) / n_in)
 
 
 @register_rule(lax.fft_p)
 def fft_rule(eqn: EqnInfo, operand: int) -> RuleResult | None:
-  """The real FFT (a real operand, the only kind a parameter's view reaches): leading
-  axes trace; the transformed axes carry the outer product of DFT matrices (the last
-  one cut to n // 2 + 1 rows). A dense block, so the engine takes the cotangent at the
-  operand instead, which loses nothing: it is no larger than the one at the output.
-  Complex operands (FFT, IFFT, IRFFT): None."""
-  if lax.FftType(eqn.params["fft_type"]) != lax.FftType.RFFT:
-    return None
-  if not jnp.issubdtype(eqn.in_avals[0].dtype, jnp.floating):
+  """The real FFT of a real operand, and the complex FFT / IFFT: leading axes trace;
+  the transformed axes carry the outer product of DFT matrices (RFFT: the last one cut
+  to n // 2 + 1 rows; IFFT: conjugate, divided by n). A dense block, so the engine takes
+  the cotangent at the operand instead, which loses nothing: it is no larger than the
+  one at the output. IRFFT (complex -> real) is not complex-linear: NOT_COMPLEX_LINEAR,
+  the cotangent at its complex operand."""
+  kind = lax.FftType(eqn.params["fft_type"])
+  complex_in = jnp.issubdtype(eqn.in_avals[0].dtype, jnp.complexfloating)
+  if kind == lax.FftType.IRFFT:
+    return NOT_COMPLEX_LINEAR if complex_in else None
+  if complex_in != (kind != lax.FftType.RFFT):
     return None
   x_shape, y_shape = eqn.in_avals[0].shape, eqn.out_aval.shape
   m = len(eqn.params["fft_lengths"])
   lead = len(x_shape) - m
-  mats = [_dft(y_shape[a], x_shape[a]) for a in range(lead, len(x_shape))]
+  sign = 1.0 if kind == lax.FftType.IFFT else -1.0
+  mats = [_dft(y_shape[a], x_shape[a], sign) / (x_shape[a] if sign > 0 else 1)
+          for a in range(lead, len(x_shape))]
   factor = functools.reduce(np.multiply.outer, mats, np.ones((), complex))
   factor = factor.transpose(tuple(range(0, 2 * m, 2)) + tuple(range(1, 2 * m, 2)))
   dtype = eqn.out_aval.dtype
