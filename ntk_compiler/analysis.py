@@ -354,6 +354,12 @@ class _Builder:
     batched = any(op_dep[j] for j in result.reads) or self.per_example_depth > 0
     if batched and view.per_example_factors > (1 if second else 0):
       return None, "it would add a second per-example factor"
+    if (WEIGHT_CUTS and not batched and view.per_example_factors
+        and eqn.primitive in _WEIGHT_CONTRACTIONS
+        and math.prod(eqn.invars[operand].aval.shape) <= math.prod(y_shape)):
+      # A weight's factor after a per-example one would be applied to the per-example
+      # terms of every use; the backward pass applies it once, at this cut.
+      return None, "a weight's factor after a per-example one (the backward pass applies it)"
     y_labels, f_labels = structure.labels(view.labels, len(y_shape), self.fresh)
     self._size_labels(y_labels, y_shape)
     factor = Factor(next(self.ids), path, result.factor, view.stack + tuple(f_labels),
@@ -402,6 +408,11 @@ class _Builder:
           self.edge_cuts.setdefault(e, []).append(cut.id)
         self.uses += [Use(view, cut, reason, fallback) for view, reason, fallback in members]
 
+
+# Views stop before a contraction with a weight (a factor that is the same for every
+# example) once they carry a per-example factor, where the cotangent is no larger.
+WEIGHT_CUTS = True
+_WEIGHT_CONTRACTIONS = (lax.dot_general_p, lax.conv_general_dilated_p)
 
 _CUSTOM = compat.custom_derivative_primitives()
 _STOP_GRADIENT = compat.stop_gradient_primitive()

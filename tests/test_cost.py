@@ -119,6 +119,25 @@ def test_a_residual_stack_has_uses_linear_in_its_depth():
   assert_matches(ntk_fn(params, x), oracle_ntk(f, params, x), 1e-10)
 
 
+def test_a_view_stops_before_a_weight_once_it_carries_a_per_example_factor():
+  """A layer-norm gain's view (a per-example factor, x̂) meets the next layer's weight:
+  its cotangent is taken before that matmul, which the backward pass applies once,
+  instead of applying the weight to every use's per-example terms. Exact both ways."""
+  params = {"g": 1 + _normal((6,), 0) / 10, "w": _normal((6, 16), 1) / 3,
+            "out": _normal((16, 3), 2) / 4}
+
+  def f(p, x):
+    xhat = (x - x.mean(-1, keepdims=True)) / jnp.sqrt(x.var(-1, keepdims=True) + 1e-5)
+    return jnp.tanh((xhat * p["g"]) @ p["w"]) @ p["out"]
+
+  x1, x2 = _normal((4, 6), 3), _normal((3, 6), 4)
+  ntk_fn = nc.compile_ntk(f, method="structured", trace_axes=())
+  (use,) = ntk_fn.plan(params, x1, x2).engine.uses_of(0)  # leaves: g, out, w
+  assert "weight" in use.reason and use.cut.shape == (1, 6), (use.reason, use.cut.shape)
+  assert_matches(ntk_fn(params, x1, x2), oracle_ntk(f, params, x1, x2, trace_axes=()),
+                 1e-10)
+
+
 @full
 def test_an_attention_block_cuts_each_shared_value_once():
   """Layer-norm parameters and the residual stream fan out to q, k, v and the skip:
