@@ -313,8 +313,8 @@ class _Builder:
       else:
         answer = rule(info, operand)
         results = _per_output(answer, len(eqn.outvars), eqn.primitive)
-        stop = ((f"before {eqn.primitive} (nonlinear in operand {operand})", False)
-                if answer is rules_lib.NONLINEAR_OPERAND else
+        stop = ((f"before {eqn.primitive} ({answer.reason.format(operand=operand)})",
+                 False) if isinstance(answer, rules_lib.CutBefore) else
                 (f"before {eqn.primitive}: its rule declines operand {operand}", True))
         used = [v for v in eqn.outvars if readers.get(v)]
         if results is not None and len(used) > 1:
@@ -348,6 +348,8 @@ class _Builder:
       return self._rebase(view, y_shape, name)
     if result.dense:
       return None, "its rule has only a dense block (the cotangent here is cheaper)"
+    if result.grows and view.per_example_factors:
+      return None, "it places the value into a larger array (the cotangent here is smaller)"
     structure = result.structure
     w_shape = tuple(eqn.invars[operand].aval.shape)
     structure.validate(y_shape, w_shape, f"rule for {eqn.primitive}")
@@ -420,7 +422,7 @@ _STOP_GRADIENT = compat.stop_gradient_primitive()
 
 def _per_output(result, num_outputs: int, primitive):
   """A rule's answer as one result per output, or None if it declines."""
-  if result is None or result is rules_lib.NONLINEAR_OPERAND:
+  if result is None or isinstance(result, rules_lib.CutBefore):
     return None
   results = tuple(result) if isinstance(result, (tuple, list)) else (result,)
   for r in results:

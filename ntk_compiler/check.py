@@ -41,7 +41,9 @@ def check_rule(primitive: Any, fn: Callable[..., Any], *args: Any, argnum: int =
   along trace pairs, constant along tiled axes), independently of the factor. It then
   checks both again at `points` random values of the equation's floating-point
   operands (integer and boolean operands keep theirs): a special point such as all
-  ones can hide a wrong structure (equal blocks where the rule claims them).
+  ones can hide a wrong structure (equal blocks where the rule claims them). Complex
+  Jacobians are compared whole (real and imaginary parts; `jax.jacfwd` is taken as
+  holomorphic for a complex operand), and random complex operands have both parts.
 
   Args:
     primitive: the JAX Primitive, e.g. `jax.lax.dot_general_p`.
@@ -125,13 +127,17 @@ def check_points(eqn, invals: list, operand: int, rule, atol: float | None = Non
 
 
 def random_operands(eqn, invals: list, seed: int) -> list:
-  """`invals` with every floating-point operand replaced by standard normal values."""
+  """`invals` with every floating-point operand replaced by standard normal values
+  (complex operands: independent standard normal real and imaginary parts)."""
   rng = np.random.default_rng(seed)
   out = []
   for var, value in zip(eqn.invars, invals):
     aval = var.aval
     if jnp.issubdtype(aval.dtype, jnp.inexact):
-      value = jnp.asarray(rng.normal(size=aval.shape), aval.dtype)
+      value = rng.normal(size=aval.shape)
+      if jnp.issubdtype(aval.dtype, jnp.complexfloating):
+        value = value + 1j * rng.normal(size=aval.shape)
+      value = jnp.asarray(value, aval.dtype)
     out.append(value)
   return out
 
@@ -148,7 +154,7 @@ def check_eqn(eqn, invals: list, operand: int, rule, atol: float | None = None
                            tuple(v.aval for v in eqn.invars),
                            tuple(v.aval for v in eqn.outvars))
   result = rule(info, operand)
-  if result is None or result is rules_lib.NONLINEAR_OPERAND:
+  if result is None or isinstance(result, rules_lib.CutBefore):
     return RuleCheck(primitive, operand, None, 0.0)
   results = result if primitive.multiple_results else (result,)
   if len(results) != len(eqn.outvars):
@@ -172,7 +178,7 @@ def _check_output(eqn, invals, operand, j, result, atol, where):
     return compat.bind_eqn(eqn, ops)[j]
 
   out = y_of(w)
-  jac = np.asarray(jax.jacfwd(y_of)(w), np.float64)
+  jac = _jacobian(y_of, w, out, where)
   eps = float(jnp.finfo(out.dtype).eps)
   scale = max(1.0, float(np.max(np.abs(jac), initial=0)))
   atol = 100 * eps * scale if atol is None else atol
@@ -185,7 +191,9 @@ def _check_output(eqn, invals, operand, j, result, atol, where):
   structure = result.structure
   structure.validate(out.shape, w.shape, where)
   # The structure first, on the Jacobian alone: a wrong one is named as such.
-  problems = structure_violations(jac, structure, out.ndim, atol)
+  problems = list(dict.fromkeys(  # a complex Jacobian: both parts have the structure
+      p for part in _parts(jac) for p in structure_violations(part, structure, out.ndim,
+                                                              atol)))
   if problems:
     raise RuleCheckError(f"{where}: the declared structure is wrong: the Jacobian "
                          f"contradicts {structure}: " + "; ".join(problems))
@@ -202,13 +210,34 @@ def _check_output(eqn, invals, operand, j, result, atol, where):
     raise RuleCheckError(f"{where}: factor has shape {factor.shape}, but {structure} "
                          f"for output {out.shape} and operand {w.shape} needs "
                          f"{expected_shape}.")
-  dense = np.asarray(structure.expand(factor, out.shape, w.shape), np.float64)
+  dense = _wide(structure.expand(factor, out.shape, w.shape))
   error = float(np.max(np.abs(dense - jac), initial=0))
   if error > atol:
     raise RuleCheckError(f"{where}: the factor is wrong: expanded by {structure} it "
                          f"differs from jax.jacfwd by {error:.3e} (tolerance "
                          f"{atol:.1e}).")
   return structure, error
+
+
+def _wide(array) -> np.ndarray:
+  """float64, or complex128 for a complex array (its imaginary part kept)."""
+  array = np.asarray(array)
+  return array.astype(np.complex128 if np.iscomplexobj(array) else np.float64)
+
+
+def _parts(jac: np.ndarray) -> list[np.ndarray]:
+  return [jac.real, jac.imag] if np.iscomplexobj(jac) else [jac]
+
+
+def _jacobian(y_of, w, out, where: str) -> np.ndarray:
+  """The dense Jacobian ∂y/∂w (complex where y is): jacfwd, holomorphic for complex w."""
+  if not jnp.iscomplexobj(w):
+    return _wide(jax.jacfwd(y_of)(w))
+  if not jnp.iscomplexobj(out):
+    raise RuleCheckError(f"{where}: a real output of a complex operand is not "
+                         "complex-linear in it; the rule should return "
+                         "NOT_COMPLEX_LINEAR (the cotangent is taken at the operand).")
+  return _wide(jax.jacfwd(y_of, holomorphic=True)(w))
 
 
 def _check_bijection(jac, y_shape, w_shape, where, atol) -> None:

@@ -118,6 +118,16 @@ class Side:
   """One side's arrays: per output leaf, cotangents by cut id; factors by factor id."""
   cts: list[dict]
   factors: dict
+  _conj: "Side | None" = dataclasses.field(default=None, repr=False, compare=False)
+
+  def conjugate(self) -> "Side":
+    """The same side with every complex array conjugated (made once, then kept: the
+    pair terms' memo tells sides apart by identity)."""
+    if self._conj is None:
+      conj = lambda a: jnp.conj(a) if jnp.iscomplexobj(a) else a
+      self._conj = Side([{c: conj(a) for c, a in cts.items()} for cts in self.cts],
+                        {f: conj(a) for f, a in self.factors.items()})
+    return self._conj
 
 
 def side(plan: Plan, params: list, x: list, per_example: bool) -> Side:
@@ -272,7 +282,20 @@ def pair_term(plans, u: Use, v: Use, side1: Side, side2: Side, k: int, layout: L
   scale = u.view.scale * v.view.scale * analysis.absent_w_size(u.view, ops1 + ops2, labels)
   term = _contract(ops1 + ops2, [side1] * len(ops1) + [side2] * len(ops2), k, result,
                    memo)
+  if _complex(u) and _complex(v):
+    # Complex views of a real leaf: its Jacobians are Re(U1), Re(U2), with U the complex
+    # products, and Σ_w Re(U1) Re(U2) = ½ Re Σ_w U1 U2 + ½ Re Σ_w U1 conj(U2).
+    conj = _contract(ops1 + ops2, [side1] * len(ops1) + [side2.conjugate()] * len(ops2),
+                     k, result, memo)
+    term = (term.real + conj.real) / 2
+  elif _complex(u) or _complex(v):
+    term = term.real  # Re(U1) U2 = Re(U1 U2) for a real U2
   return term if scale == 1.0 else term * scale
+
+
+def _complex(use: Use) -> bool:
+  """Whether a use's view is complex (cut at a complex value, factors maybe complex)."""
+  return jnp.issubdtype(use.cut.dtype, jnp.complexfloating)
 
 
 def leaf_gradients(plan: Plan, use: Use, side: Side, k: int, layout: Layout,
@@ -285,7 +308,7 @@ def leaf_gradients(plan: Plan, use: Use, side: Side, k: int, layout: Layout,
   w_out = [labels(("w", i)) for i in range(len(view.base_shape))]
   used = set(itertools.chain.from_iterable(o.labels for o in ops))
   g = _contract(ops, [side] * len(ops), k, side_labels + [l for l in w_out if l in used])
-  g = g * view.scale
+  g = (g.real if _complex(use) else g) * view.scale  # a real leaf's Jacobian: Re(U)
   lead = tuple(g.shape[:len(side_labels)])
   g = g.reshape(lead + tuple(n if l in used else 1 for n, l in zip(view.base_shape, w_out)))
   g = jnp.broadcast_to(g, lead + view.base_shape)

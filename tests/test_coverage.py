@@ -5,7 +5,10 @@ was decided: the per-example path where the model is per-example, and no dense f
 for the primitives this issue covers (`tile`, custom primitives registered once).
 """
 
+import warnings
+
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -99,14 +102,162 @@ SPECTRAL = {"lift": rand(1, 2), "wr": rand(3, 2, seed=1), "wi": rand(3, 2, seed=
 
 @full
 def test_spectral_conv_is_per_example():
-  """Per-example (fft's batch fact is JAX's); `lift` is cut before the fft with no
-  loss (its rule's DFT block is dense). The complex weights keep a cut before the
-  complex values: a real parameter's term pairs the real parts of two complex
-  products, which the engine's complex-bilinear contractions do not compute."""
+  """Per-example (fft's batch fact is JAX's), and no fallback: `lift` is cut before the
+  fft with no loss (its rule's DFT block is dense); the complex weights wr + 1j wi go
+  on through the complex multiply and are cut before the zero padding (a placement
+  into a larger array) ahead of the irfft."""
   e = check(spectral, SPECTRAL, rand(3, 8, 1, seed=4), rand(2, 8, 1, seed=5),
-            no_fallback=("lift", "proj"))
+            no_fallback=True)
   lift, = [leaf for leaf in e.leaves if "lift" in leaf.path]
   assert all("before fft" in u.reason for u in lift.uses), lift.uses
+  for name in ("wr", "wi"):
+    w, = [leaf for leaf in e.leaves if name in leaf.path]
+    assert all("convert_element_type" in u.steps and "mul" in u.steps
+               for u in w.uses), w.uses
+
+
+# An FNO block in 2-D (as the Fourier Neural Operator's SpectralConv2d): rfft2, two
+# corners of low modes multiplied by complex weights (einsum), written into a zero
+# spectrum, irfft2, plus a pointwise skip path.
+
+M1, M2, FNO_C = 2, 2, 3
+
+
+def fno2d(p, x):
+  h = x @ p["lift"]
+  hf = jnp.fft.rfft2(h, axes=(1, 2))
+  w1 = p["w1r"] + 1j * p["w1i"]
+  w2 = jax.lax.complex(p["w2r"], p["w2i"])
+  out = jnp.zeros(hf.shape, hf.dtype)
+  out = out.at[:, :M1, :M2].set(jnp.einsum("nxyi,xyio->nxyo", hf[:, :M1, :M2], w1))
+  out = out.at[:, -M1:, :M2].set(jnp.einsum("nxyi,xyio->nxyo", hf[:, -M1:, :M2], w2))
+  y = jnp.fft.irfft2(out, s=x.shape[1:3], axes=(1, 2))
+  y = jax.nn.gelu(y + h @ p["skip"])
+  return y.mean((1, 2)) @ p["proj"]
+
+
+FNO = {"lift": rand(2, FNO_C), "skip": rand(FNO_C, FNO_C, seed=5),
+       "proj": rand(FNO_C, 2, seed=6),
+       **{k: rand(M1, M2, FNO_C, FNO_C, seed=i) for i, k in enumerate(
+           ("w1r", "w1i", "w2r", "w2i"), 1)}}
+
+
+def _contracting(monkeypatch, how):
+  """Every leaf's term contracted pairwise ("pair") or materialised ("mat")."""
+  from ntk_compiler import emit
+  structured_ntk = emit.structured_ntk
+
+  def forced(*args):
+    leaves = frozenset(range(len(args[2])))
+    return structured_ntk(*args[:9], frozenset() if how == "pair" else leaves)
+  monkeypatch.setattr(emit, "structured_ntk", forced)
+
+
+@full
+@pytest.mark.parametrize("how", ["auto", "pair", "mat"])
+def test_fno_2d_complex_weights(monkeypatch, how):
+  """The complex weights' terms are Σ_w Re(U1) Re(U2) of complex products U, by both
+  contractions, per example and whole batch, with x2 given and omitted."""
+  if how != "auto":
+    _contracting(monkeypatch, how)
+  x1, x2 = rand(3, 6, 6, 2, seed=7), rand(2, 6, 6, 2, seed=8)
+  e = check(fno2d, FNO, x1, x2, no_fallback=True)
+  for name in ("w1r", "w1i", "w2r", "w2i"):
+    w, = [leaf for leaf in e.leaves if name in leaf.path]
+    assert all("dot_general" in u.steps for u in w.uses), w.uses
+  for x, y in ((x1, None), (x1, x2)):
+    ntk_fn = nc.compile_ntk(fno2d, method="structured", batch_independent=False)
+    assert_matches(ntk_fn(FNO, x, y), oracle_ntk(fno2d, FNO, x, y), RTOL)
+
+
+@full
+def test_fno_2d_symmetric_blocks(monkeypatch):
+  """Θ(x, x) contracted in blocks of example pairs (the conjugated side is sliced too)."""
+  from ntk_compiler import emit
+  monkeypatch.setattr(emit, "SYMMETRIC_BLOCKS_FROM", 2)
+  x = rand(4, 4, 4, 2, seed=9)
+  ntk_fn = nc.compile_ntk(fno2d, method="structured", trace_axes=())
+  assert_matches(ntk_fn(FNO, x), oracle_ntk(fno2d, FNO, x, trace_axes=()), RTOL)
+
+
+def _complex(*shape, seed=0):
+  return rand(*shape, seed=seed) + 1j * rand(*shape, seed=seed + 1)
+
+
+COMPLEX_RULES = {
+    "mul": (jax.lax.mul_p, lambda a, b: a * b, (_complex(3, 2), _complex(1, 2, seed=2)), 0),
+    "mul_broadcast": (jax.lax.mul_p, lambda a, b: a * b,
+                      (_complex(3, 2), _complex(1, 2, seed=2)), 1),
+    "to_complex": (jax.lax.convert_element_type_p, lambda a: a.astype(jnp.complex128),
+                   (rand(3, 2),), 0),
+    "complex_im": (jax.lax.complex_p, jax.lax.complex, (rand(3, 2), rand(3, 2, seed=1)), 1),
+    "dot": (jax.lax.dot_general_p, lambda a, b: a @ b,
+            (_complex(3, 2), _complex(2, 4, seed=2)), 1),
+    "fft": (jax.lax.fft_p, jnp.fft.fft, (_complex(3, 4),), 0),
+    "ifft2": (jax.lax.fft_p, jnp.fft.ifft2, (_complex(3, 4),), 0),
+    "window": (jax.lax.scatter_p, lambda z, u: z.at[:, -2:, :2].set(u),
+               (_complex(2, 5, 4), _complex(2, 2, 2, seed=2)), 1),
+}
+
+
+@pytest.mark.parametrize("name", list(COMPLEX_RULES))
+def test_complex_linear_rules(name):
+  """Complex Jacobians compared whole (real and imaginary parts), no ComplexWarning."""
+  primitive, f, args, argnum = COMPLEX_RULES[name]
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    check_ = nc.check_rule(primitive, f, *args, argnum=argnum)
+  assert check_.structure is not None and check_.max_error < 1e-12
+
+
+@pytest.mark.parametrize("name", ["real", "imag", "conj", "irfft", "to_real"])
+def test_not_complex_linear(name):
+  from ntk_compiler.rules import NOT_COMPLEX_LINEAR, registry
+  primitive, f = {"real": (jax.lax.real_p, jnp.real), "imag": (jax.lax.imag_p, jnp.imag),
+                  "conj": (jax.lax.conj_p, jnp.conj),
+                  "irfft": (jax.lax.fft_p, jnp.fft.irfft),
+                  "to_real": (jax.lax.convert_element_type_p,
+                              lambda z: jax.lax.convert_element_type(z, jnp.float64))}[name]
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # JAX's own warning on a complex -> real cast
+    closed = jax.make_jaxpr(f)(_complex(3, 4))
+  eqn, = _eqns_of(closed.jaxpr, primitive)
+  info = nc.EqnInfo(eqn.primitive, eqn.params, tuple(a.aval for a in eqn.invars),
+                    tuple(v.aval for v in eqn.outvars))
+  assert registry()[primitive](info, 0) is NOT_COMPLEX_LINEAR
+
+
+def _eqns_of(jaxpr, primitive):
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive is primitive:
+      found.append(eqn)
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      found += _eqns_of(sub, primitive)
+  return found
+
+
+def test_check_rule_sees_the_imaginary_part():
+  """A factor that drops the imaginary part is caught (it used to pass, with a
+  ComplexWarning, because the Jacobians were compared as float64)."""
+  wrong = lambda eqn, operand: RuleResult(Structure(diagonal=((0, 0), (1, 1))),
+                                          lambda a, b: jnp.real(b), reads=(1,))
+  with pytest.raises(nc.RuleCheckError, match="factor is wrong"):
+    nc.check_rule(jax.lax.mul_p, lambda a, b: a * b, _complex(3, 2),
+                  _complex(3, 2, seed=2), rule=wrong)
+
+
+@pytest.mark.parametrize("mode", ["clip", "fill"])
+def test_one_window_scatter(mode):
+  """A window written at a dynamic start; out of bounds it is clamped or dropped."""
+  dn = jax.lax.ScatterDimensionNumbers(update_window_dims=(0, 1, 2),
+                                       inserted_window_dims=(),
+                                       scatter_dims_to_operand_dims=(1, 2))
+  for start in ([1, 0], [4, 1], [-1, 2]):
+    f = lambda z, u: jax.lax.scatter(z, jnp.array(start), u, dn, mode=mode)
+    check_ = nc.check_rule(jax.lax.scatter_p, f, rand(2, 5, 4), rand(2, 2, 3, seed=1),
+                           argnum=1)
+    assert check_.structure == Structure(trace=((0, 0),)) and check_.max_error == 0
 
 
 @pytest.mark.parametrize("shape, axes", [((2, 6), (-1,)), ((3, 5), (-1,)),

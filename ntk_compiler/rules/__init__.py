@@ -58,6 +58,10 @@ class RuleResult:
       position of that 1 instead (an array of the factor's shape without this axis;
       -1 for none). The engine then compares positions where it would multiply
       one-hot matrices: the embedding term Σ [id1 = id2] ⟨ct1, ct2⟩.
+    grows: y is w placed into a larger array, zeros elsewhere (pad, a window written
+      by scatter or dynamic_update_slice): a view that already carries a per-example
+      factor stops before this equation, where its cotangent is smaller and holds the
+      same numbers.
   """
   structure: Structure | None
   factor: Callable[..., Any] | None
@@ -65,19 +69,32 @@ class RuleResult:
   rebase: bool = False
   dense: bool = False
   one_hot: int | None = None
+  grows: bool = False
 
 
 Rule = Callable[[EqnInfo, int], "RuleResult | None"]
 
 
-class _NonlinearOperand:
+class CutBefore:
+  """A rule's answer for an operand whose cotangent is taken before the equation, with
+  no loss and not as a fallback; `reason` (formatted with `operand`) says why."""
+
+  def __init__(self, name: str, reason: str):
+    self.name, self.reason = name, reason
+
   def __repr__(self):
-    return "NONLINEAR_OPERAND"
+    return self.name
 
 
 # What a rule returns for an operand the primitive is nonlinear in (div's denominator):
 # the engine takes the cotangent there, which loses nothing and is not a fallback.
-NONLINEAR_OPERAND = _NonlinearOperand()
+NONLINEAR_OPERAND = CutBefore("NONLINEAR_OPERAND", "nonlinear in operand {operand}")
+# What a rule returns for a complex operand of a real-valued linear map (real, imag,
+# conj, irfft, a complex -> real cast): a view's factors compose complex-linear maps
+# only, so the cotangent is taken at the complex operand, a value of the same size.
+NOT_COMPLEX_LINEAR = CutBefore(
+    "NOT_COMPLEX_LINEAR", "not complex-linear in operand {operand}: the cotangent is "
+    "taken at the complex value")
 
 
 def _nonlinear_primitives() -> frozenset:

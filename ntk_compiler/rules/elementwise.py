@@ -4,6 +4,12 @@
 identities (`neg`, `convert_element_type`, `copy`, `reduce_precision`). Binary ops may
 pair an array with a scalar (`mul a 2.0:f32[]`); both orders are handled.
 
+Complex values: a view's factors compose complex-linear maps (the engine pairs the real
+parts of the two sides' complex products). A real parameter enters them through a cast
+to complex or `complex(re, im)` (factors 1 and 1j); the real-valued maps of a complex
+operand (`real`, `imag`, a complex -> real cast) and `conj` are not complex-linear: the
+cotangent is taken at their operand (NOT_COMPLEX_LINEAR), which is no larger.
+
 `device_put` is left out: it has several operands and outputs (one per array put).
 """
 
@@ -15,13 +21,18 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend.core import primitives as prims
 
-from ntk_compiler.rules import (NONLINEAR_OPERAND, EqnInfo, Rule, RuleResult,
-                                register_rule)
+from ntk_compiler.rules import (NONLINEAR_OPERAND, NOT_COMPLEX_LINEAR, EqnInfo, Rule,
+                                RuleResult, register_rule)
 from ntk_compiler.structure import Structure
 
 
 def _is_float(aval) -> bool:
-  return jnp.issubdtype(aval.dtype, jnp.floating)
+  """Real or complex floating point."""
+  return jnp.issubdtype(aval.dtype, jnp.inexact)
+
+
+def _is_complex(aval) -> bool:
+  return jnp.issubdtype(aval.dtype, jnp.complexfloating)
 
 
 def _floats(eqn: EqnInfo, operand: int) -> bool:
@@ -89,6 +100,8 @@ def def_identity(primitive, sign: float = 1.0) -> Rule:
   def rule(eqn: EqnInfo, operand: int) -> RuleResult | None:
     if not _floats(eqn, operand):
       return None
+    if _is_complex(eqn.in_avals[operand]) and not _is_complex(eqn.out_aval):
+      return NOT_COMPLEX_LINEAR  # a complex -> real cast takes the real part
     return _scaled(eqn, operand, _constant(sign), (), ())
   return rule
 
@@ -145,3 +158,25 @@ def select_n_rule(eqn: EqnInfo, operand: int) -> RuleResult | None:
   def mask(*ops):
     return jnp.asarray(ops[0]).astype(jnp.int32) == case
   return _scaled(eqn, operand, mask, eqn.in_avals[0].shape, (0,))
+
+
+@register_rule(lax.complex_p)
+def complex_rule(eqn: EqnInfo, operand: int) -> RuleResult | None:
+  """y = re + 1j * im: the real operands enter a complex view with factors 1 and 1j."""
+  if not _floats(eqn, operand):
+    return None
+  return _scaled(eqn, operand, _constant((1.0, 1j)[operand]), (), ())
+
+
+def def_not_complex_linear(primitive) -> Rule:
+  """Registers the rule of a map that is linear over the reals but not complex-linear
+  in a complex operand (`real`, `imag`, `conj`): the cotangent is taken at the operand."""
+  @register_rule(primitive)
+  def rule(eqn: EqnInfo, operand: int):
+    return NOT_COMPLEX_LINEAR if _is_complex(eqn.in_avals[operand]) else None
+  return rule
+
+
+real_rule = def_not_complex_linear(lax.real_p)
+imag_rule = def_not_complex_linear(lax.imag_p)
+conj_rule = def_not_complex_linear(lax.conj_p)

@@ -11,6 +11,9 @@ operand along those axes only). Index operands are integers and take no rule.
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import jax.numpy as jnp
 from jax import lax
 
@@ -18,8 +21,8 @@ from ntk_compiler.rules import EqnInfo, RuleResult, register_rule
 from ntk_compiler.structure import Structure
 
 
-def _is_float(aval) -> bool:
-  return jnp.issubdtype(aval.dtype, jnp.floating)
+def _is_float(aval) -> bool:  # real or complex: entries move the same way
+  return jnp.issubdtype(aval.dtype, jnp.inexact)
 
 
 def _one(dtype):
@@ -183,6 +186,19 @@ def dynamic_update_slice_rule(eqn: EqnInfo, operand: int) -> RuleResult | None:
   whole axes trace; along one windowed axis a one-hot placement (row start + j)."""
   if operand > 1 or not _is_float(eqn.in_avals[operand]):
     return None
+  return _growing(eqn, operand, _dynamic_update_slice(eqn, operand))
+
+
+def _growing(eqn: EqnInfo, operand: int, result: RuleResult | None) -> RuleResult | None:
+  """`result`, marked `grows` where the operand is written into a larger array (the
+  update of a window; the array written into keeps its size)."""
+  if result is None or math.prod(eqn.out_aval.shape) <= math.prod(
+      eqn.in_avals[operand].shape):
+    return result
+  return dataclasses.replace(result, grows=True)
+
+
+def _dynamic_update_slice(eqn: EqnInfo, operand: int) -> RuleResult:
   y_shape = eqn.out_aval.shape
   u_shape = eqn.in_avals[1].shape
   dtype = eqn.out_aval.dtype
@@ -223,8 +239,6 @@ def _scatter_rule(eqn: EqnInfo, operand: int, add: bool) -> RuleResult | None:
     def keep(w, indices, u):
       return lax.scatter_p.bind(jnp.ones_like(w), indices, jnp.zeros_like(u), **params)
     return RuleResult(Structure(diagonal=every), keep, reads=(1,))
-  if not (add or params.get("unique_indices")):
-    return None  # overwrites: which duplicate wins is unspecified
   dn = params["dimension_numbers"]
   u_shape = eqn.in_avals[2].shape
   u_window = tuple(dn.update_window_dims)
@@ -232,6 +246,10 @@ def _scatter_rule(eqn: EqnInfo, operand: int, add: bool) -> RuleResult | None:
   index_map = tuple(dn.scatter_dims_to_operand_dims)
   y_batch_dims = tuple(getattr(dn, "operand_batching_dims", ()))
   i_batch = tuple(getattr(dn, "scatter_indices_batching_dims", ()))
+  if u_window == tuple(range(len(u_shape))) == tuple(range(len(y_shape))):
+    return _one_window(eqn, u_shape, index_map)
+  if not (add or params.get("unique_indices")):
+    return None  # overwrites: which duplicate wins is unspecified
   windowed = [d for d in range(len(y_shape)) if d not in inserted and d not in y_batch_dims]
   u_of = dict(zip(windowed, u_window))               # y axis -> u window axis
   windows = [1 if d in inserted or d in y_batch_dims else u_shape[u_of[d]]
@@ -257,14 +275,40 @@ def _scatter_rule(eqn: EqnInfo, operand: int, add: bool) -> RuleResult | None:
   return RuleResult(structure, positions, reads=(1,), one_hot=0)
 
 
+def _one_window(eqn: EqnInfo, u_shape, index_map) -> RuleResult | None:
+  """One window u written into y at one start (`out.at[:, :m1, :m2].set(u)`, as
+  dynamic_update_slice): whole axes trace; the windowed axes, all indexed, get one-hot
+  placements (none where FILL_OR_DROP drops the window)."""
+  y_shape, dtype = eqn.out_aval.shape, eqn.out_aval.dtype
+  mode = eqn.params["mode"]
+  cut = [d for d in range(len(y_shape)) if u_shape[d] != y_shape[d]]
+  if any(d not in index_map for d in cut):
+    return None
+  structure = Structure(trace=tuple((d, d) for d in range(len(y_shape)) if d not in cut))
+  if not cut:
+    return RuleResult(structure, _one(dtype))
+
+  def placements(indices):
+    return [_window(_starts(indices, index_map.index(d), y_shape, u_shape, index_map,
+                            mode), u_shape[d], 0) for d in cut]
+  if len(cut) == 1:
+    return RuleResult(structure, lambda w, indices, u: placements(indices)[0],
+                      reads=(1,), one_hot=0)
+
+  def factor(w, indices, u):
+    return _outer_selection(placements(indices), [y_shape[d] for d in cut],
+                            [u_shape[d] for d in cut], rows_first=True, dtype=dtype)
+  return RuleResult(structure, factor, reads=(1,))
+
+
 @register_rule(lax.scatter_add_p)
 def scatter_add_rule(eqn: EqnInfo, operand: int) -> RuleResult | None:
   """Identity in w; for u the copied axes trace, batching axes are diagonal, and the
   factor is one-hot from the indexed axis of y to u's remaining axes."""
-  return _scatter_rule(eqn, operand, add=True)
+  return _growing(eqn, operand, _scatter_rule(eqn, operand, add=True))
 
 
 @register_rule(lax.scatter_p)
 def scatter_rule(eqn: EqnInfo, operand: int) -> RuleResult | None:
   """As scatter-add for u (when the indices are unique); for w a diagonal 0/1 mask."""
-  return _scatter_rule(eqn, operand, add=False)
+  return _growing(eqn, operand, _scatter_rule(eqn, operand, add=False))

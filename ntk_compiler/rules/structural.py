@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Sequence
 
 import jax.numpy as jnp
@@ -21,8 +22,12 @@ from ntk_compiler.rules import EqnInfo, RuleResult, register_rule
 from ntk_compiler.structure import Structure
 
 
-def _is_float(aval) -> bool:
-  return jnp.issubdtype(aval.dtype, jnp.floating)
+def _is_float(aval) -> bool:  # real or complex: entries move the same way
+  return jnp.issubdtype(aval.dtype, jnp.inexact)
+
+
+def _grows(eqn: EqnInfo, operand: int) -> bool:
+  return math.prod(eqn.out_aval.shape) > math.prod(eqn.in_avals[operand].shape)
 
 
 def _one(eqn: EqnInfo, structure: Structure) -> RuleResult:
@@ -165,7 +170,7 @@ def pad_rule(eqn: EqnInfo, operand: int) -> RuleResult | None:
     return None
   mats = _pad_matrices(eqn)
   if operand == 0:
-    return _moved(eqn, mats)
+    return dataclasses.replace(_moved(eqn, mats), grows=_grows(eqn, 0))
   y_shape = eqn.out_aval.shape
   kept = [mats[a].sum(1) if a in mats else np.ones(n) for a, n in enumerate(y_shape)]
   mask = 1 - functools.reduce(np.multiply.outer, kept, np.ones(()))
