@@ -1,6 +1,6 @@
 """Scale benchmarks: tiles under a budget, streaming to disk, the jacobian method.
 
-    .venv/bin/python benchmarks/bench_scale.py [--part symmetric|stream|jacobian|all]
+    .venv/bin/python benchmarks/bench_scale.py [--part symmetric|stream|jacobian|reuse|all]
         [--n N] [--memory 2GB] [--path kernel.npy]
 
 Each part runs in a fresh subprocess, so its peak resident memory (`resource.getrusage`,
@@ -15,6 +15,11 @@ the resident memory after JAX, the model and the inputs were set up.
   peak RSS.
 - jacobian: method="jacobian" at N = 1024 on a 3x256 MLP (per-example Jacobians ~6 GB)
   under max_memory="1GB": time and peak memory growth.
+- reuse: methods jacobian and ntk_vp, at N = 512 on the 3x256 MLP and N = 256 on the
+  benchmark suite's CNN, under max_memory="1GB", x2 omitted and given: each block's Jacobians / cotangents computed
+  once and kept for the tiles that need them (the default), against every tile
+  computing its own (the runner switched off), warm calls; time ratio and the sides
+  computed.
 
 Run it on a quiet machine: timings of concurrent jobs mean little.
 """
@@ -131,9 +136,60 @@ def part_jacobian(n: int, memory: str) -> dict:
           "peak_growth_mb": _peak_mb() - base}
 
 
+def _cnn(n: int):
+  """The benchmark suite's CNN (3 SAME 3x3 convs 32/64/64 on 16x16x3, mean, Dense(10))."""
+  if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+  from benchmarks import models
+  model = models.cnn(n=n)
+  return model.f, model.params, model.x1
+
+
+def part_reuse(n: int, memory: str) -> dict:
+  import jax.numpy as jnp
+  import numpy as np
+  import ntk_compiler as nc
+  from ntk_compiler import scale
+  made, original = [], scale._blocks
+
+  def recording(*args, **kwargs):
+    made.append(original(*args, **kwargs))
+    return made[-1]
+  f, params = _mlp(256)
+  zoo = {"mlp": (f, params, _inputs(n)), "cnn": _cnn(n // 2)}
+  result = {"n_mlp": n, "n_cnn": n // 2, "max_memory": memory}
+  for model, (f, params, x) in zoo.items():
+    x2 = jnp.asarray(x) * 0.5
+    for method in ("jacobian", "ntk_vp"):
+      for label, second in (("omitted", None), ("given", x2)):
+        ntk = nc.compile_ntk(f, method=method, max_memory=memory, progress=False)
+        name = f"{model}_{method}_{label}"
+        tiling = ntk.estimate(params, x, second).tiling
+        result[f"{name}_tiling"] = f"{tiling.tiles} tiles of {tiling.block1}"
+        kernels = {}
+        for how, runner in (("reuse", recording), ("recompute", lambda *a, **k: None)):
+          scale._blocks = runner
+          try:
+            ntk(params, x, second)  # compiles
+            made.clear()
+            start = time.perf_counter()
+            kernels[how] = ntk(params, x, second)
+            result[f"{name}_{how}_s"] = time.perf_counter() - start
+          finally:
+            scale._blocks = original
+          if how == "reuse":
+            result[f"{name}_sides_computed"] = made[-1].evaluations
+        result[f"{name}_ratio"] = (result[f"{name}_reuse_s"]
+                                   / result[f"{name}_recompute_s"])
+        result[f"{name}_max_abs_diff"] = float(
+            np.abs(kernels["reuse"] - kernels["recompute"]).max())
+  return result
+
+
 # The stream's budget is 1GB: the process must stay under 2 GB resident in all, and at
 # max_memory="2GB" the tiles' buffers alone take it to ~1.9 GB (the symmetric part).
-PARTS = {"symmetric": (4096, "2GB"), "stream": (20000, "1GB"), "jacobian": (1024, "1GB")}
+PARTS = {"symmetric": (4096, "2GB"), "stream": (20000, "1GB"), "jacobian": (1024, "1GB"),
+         "reuse": (512, "1GB")}
 
 
 def main(argv=None) -> None:
@@ -152,6 +208,8 @@ def main(argv=None) -> None:
       result = part_symmetric(n, memory)
     elif args.part == "stream":
       result = part_stream(n, memory, args.path)
+    elif args.part == "reuse":
+      result = part_reuse(n, memory)
     else:
       result = part_jacobian(n, memory)
     print(json.dumps(result))

@@ -629,78 +629,203 @@ class _Runner:
     return jax.tree_util.tree_leaves(kernels)
 
 
-class _Sides:
-  """The structured method in tiles: each block's cotangents and factors (its `Side`)
-  computed once and kept (up to `capacity` blocks, least recently used dropped), then
-  one contraction per tile."""
+class _Blocks:
+  """Tiles from per-block values computed once and kept.
 
-  def __init__(self, ntk_fn, plan, params, budget: int, tile_bytes: int):
-    from ntk_compiler import emit
-    self.emit, self.plan = emit, plan
-    self.engine1, self.engine2 = plan.engine, plan.engine2 or plan.engine
-    self.params = [jax.device_put(w) for w in jax.tree_util.tree_leaves(params)]
+  A block's *side* is what a tile needs of it that does not depend on the other block:
+  structured, its cotangents and factors; jacobian, its per-example Jacobians; ntk_vp,
+  as x2, its cotangents in parameter space (as x1 it is only the inputs: f is
+  linearised at them in each tile, one forward pass against the tile's b2·O JVPs).
+  Sides are kept (up to `capacity` blocks, least recently used dropped) for every tile
+  that needs them, and each tile is one contraction. `order` sorts the tiles so that
+  kept sides are used again: rows of tiles in a snake (the last columns of a row are
+  the first of the next), or columns first where only x2's side is worth keeping.
+  `evaluations` counts the sides computed (tests check the reuse with it).
+  """
+
+  columns_first = False  # ntk_vp: only x2's side is kept, so tiles go column by column
+
+  def __init__(self, ntk_fn, plan, params, budget: int, tile_bytes: int,
+               extra: bool = False):
+    self.plan, self.problem = plan, plan.problem
+    self.params = jax.device_put(params)
     self.precision = ntk_fn.precision
     self.cache: dict = {}
     self.budget, self.tile_bytes = budget, tile_bytes
+    # extra: the tile's estimate already holds two sides; capacity counts the others.
+    self.extra = extra
     self.capacity = None
-    self._side = {}
-    self._pair = {}
+    self.evaluations = 0
+    self._side, self._pair = {}, {}
+    self.dtypes = [plan.outputs[i].dtype for i in plan.kept]
+
+  def _source(self, which: int) -> int:
+    """x1's (1) or x2's (2) data: with x2 omitted both sides read x1."""
+    return 2 if which == 2 and self.problem.x2 is not None else 1
 
   def _side_fn(self, which: int):
-    if which not in self._side:
-      engine = self.engine1 if which == 1 else self.engine2
+    """(params, x block) -> the side, or None for a side that is the inputs."""
+    raise NotImplementedError
 
-      def fn(params, x):
-        with _precision(self.precision):
-          side = self.emit.side(engine, params, x, True)
-        return side.cts, side.factors
-      self._side[which] = jax.jit(fn)
-    return self._side[which]
+  def _contract(self, s1, s2, b1: int, b2: int, symmetric: bool) -> list:
+    raise NotImplementedError
 
   def side(self, which: int, start: int, x):
-    key = (which, start)
+    fn = self._side_fn(which)
+    if fn is None:
+      return jax.device_put(x)
+    key = (which if self._kind_differs() else 0, self._source(which), start)
     if key in self.cache:
       self.cache[key] = self.cache.pop(key)  # most recently used last
       return self.cache[key]
-    leaves = [jax.device_put(a) for a in jax.tree_util.tree_leaves(x)]
-    fn = self._side_fn(which)
     if self.capacity is None:
-      shapes = jax.eval_shape(fn, self.params, leaves)
+      shapes = jax.eval_shape(fn, self.params, x)
       nbytes = sum(_size(a.shape) * a.dtype.itemsize
                    for a in jax.tree_util.tree_leaves(shapes))
-      self.capacity = max(2, int(max(0, self.budget - self.tile_bytes) // max(nbytes, 1)))
-    value = fn(self.params, leaves)
+      room = int(max(0, self.budget - self.tile_bytes) // max(nbytes, 1))
+      self.capacity = 2 + room if self.extra else max(2, room)
+    value = fn(self.params, jax.device_put(x))
+    self.evaluations += 1
     self.cache[key] = value
     while len(self.cache) > self.capacity:
       self.cache.pop(next(iter(self.cache)))
     return value
 
+  def _kind_differs(self) -> bool:
+    """Whether x1's and x2's sides are different things (then keyed apart)."""
+    return False
+
   def _pair_fn(self, symmetric: bool):
     if symmetric not in self._pair:
-      plan, emit = self.plan, self.emit
-      problem = plan.problem
-      materialise = getattr(plan.estimate, "materialise", frozenset())
-      dtypes = [plan.outputs[i].dtype for i in plan.kept]
-
-      def fn(s1, s2):
-        side1, side2 = emit.Side(*s1), emit.Side(*s2)
-        b1 = jax.tree_util.tree_leaves(s1)[0].shape[0]
-        b2 = jax.tree_util.tree_leaves(s2)[0].shape[0]
-        shapes1 = [(b1,) + tuple(s[1:]) for s in problem.shapes1]
-        shapes2 = [(b2,) + tuple(s[1:]) for s in problem.shapes2]
+      def fn(s1, s2, b1, b2):
         with _precision(self.precision):
-          kernels = emit.contract_kernels(self.engine1, self.engine2, side1, side2,
-                                          symmetric, problem.layouts, shapes1, shapes2,
-                                          True, materialise)
-        return [kernel.astype(dtype) for kernel, dtype in zip(kernels, dtypes)]
-      self._pair[symmetric] = jax.jit(fn)
+          kernels = self._contract(s1, s2, b1, b2, symmetric)
+        return [kernel.astype(dtype) for kernel, dtype in zip(kernels, self.dtypes)]
+      self._pair[symmetric] = jax.jit(fn, static_argnums=(2, 3))
     return self._pair[symmetric]
+
+  def _shapes(self, b1: int, b2: int):
+    return ([(b1,) + tuple(s[1:]) for s in self.problem.shapes1],
+            [(b2,) + tuple(s[1:]) for s in self.problem.shapes2])
+
+  def order(self, jobs: list) -> list:
+    """The tiles (i, j) in the order that reuses kept sides most."""
+    if self.columns_first:
+      return sorted(jobs, key=lambda ij: (ij[1], ij[0]))
+    rows: dict = {}
+    for i, j in jobs:
+      rows.setdefault(i, []).append((i, j))
+    ordered = []
+    for r, i in enumerate(sorted(rows)):
+      ordered += rows[i] if r % 2 == 0 else rows[i][::-1]
+    return ordered
 
   def tile(self, xa, xb, symmetric: bool, i: int, j: int):
     s1 = self.side(1, i, xa)
-    s2 = s1 if symmetric else self.side(2 if self.plan.problem.x2 is not None else 1,
-                                        j, xb)
-    return self._pair_fn(symmetric)(s1, s2)
+    s2 = s1 if symmetric else self.side(2, j, xb)
+    return self._pair_fn(symmetric)(s1, s2, _rows(xa), _rows(xb))
+
+
+def _rows(x) -> int:
+  return jax.tree_util.tree_leaves(x)[0].shape[0]
+
+
+class _Sides(_Blocks):
+  """The structured method's sides: each block's cotangents and factors (`emit.Side`)."""
+
+  def __init__(self, ntk_fn, plan, params, budget: int, tile_bytes: int):
+    super().__init__(ntk_fn, plan, jax.tree_util.tree_leaves(params), budget,
+                     tile_bytes)
+    from ntk_compiler import emit
+    self.emit = emit
+    self.engine1, self.engine2 = plan.engine, plan.engine2 or plan.engine
+
+  def _side_fn(self, which: int):
+    which = self._source(which)
+    if which not in self._side:
+      engine = self.engine1 if which == 1 else self.engine2
+
+      def fn(params, x):
+        with _precision(self.precision):
+          side = self.emit.side(engine, params, jax.tree_util.tree_leaves(x), True)
+        return side.cts, side.factors
+      self._side[which] = jax.jit(fn)
+    return self._side[which]
+
+  def _contract(self, s1, s2, b1, b2, symmetric):
+    materialise = getattr(self.plan.estimate, "materialise", frozenset())
+    shapes1, shapes2 = self._shapes(b1, b2)
+    return self.emit.contract_kernels(
+        self.engine1, self.engine2, self.emit.Side(*s1), self.emit.Side(*s2), symmetric,
+        self.problem.layouts, shapes1, shapes2, True, materialise)
+
+
+class _Jacobians(_Blocks):
+  """The jacobian method's sides: each block's per-example Jacobians."""
+
+  def __init__(self, ntk_fn, plan, params, budget: int, tile_bytes: int):
+    super().__init__(ntk_fn, plan, params, budget, tile_bytes, extra=True)
+
+  def _side_fn(self, which: int):
+    if "jac" not in self._side:
+      from ntk_compiler.methods import jacobian
+      problem = self.problem
+
+      def fn(params, x):
+        with _precision(self.precision):
+          return jacobian.jacobians(dataclasses.replace(problem, params=params), x)
+      self._side["jac"] = jax.jit(fn)
+    return self._side["jac"]
+
+  def _contract(self, s1, s2, b1, b2, symmetric):
+    from ntk_compiler.methods import jacobian
+    shapes1, shapes2 = self._shapes(b1, b2)
+    sub = dataclasses.replace(self.problem, shapes1=tuple(map(tuple, shapes1)),
+                              shapes2=tuple(map(tuple, shapes2)))
+    return jacobian.contract(sub, s1, s2)
+
+
+class _Cotangents(_Blocks):
+  """The ntk_vp method's sides: x2's blocks' cotangents in parameter space (x1's blocks
+  are linearised in each tile: one forward pass, against the tile's b2·O JVPs)."""
+
+  columns_first = True
+
+  def __init__(self, ntk_fn, plan, params, budget: int, tile_bytes: int):
+    super().__init__(ntk_fn, plan, params, budget, tile_bytes, extra=True)
+
+  def _kind_differs(self) -> bool:
+    return True
+
+  def _side_fn(self, which: int):
+    if which == 1:
+      return None
+    if "cts" not in self._side:
+      from ntk_compiler.methods import ntk_vp
+      problem = self.problem
+
+      def fn(params, x):
+        b = jax.tree_util.tree_leaves(x)[0].shape[0]
+        sub = dataclasses.replace(problem, params=params, x2=x, shapes2=tuple(
+            (b,) + tuple(s[1:]) for s in problem.shapes2))
+        with _precision(self.precision):
+          return ntk_vp.param_cotangents(sub)
+      self._side["cts"] = jax.jit(fn)
+    return self._side["cts"]
+
+  def tile(self, xa, xb, symmetric: bool, i: int, j: int):
+    s2 = self.side(2, j, xb)
+    return self._pair_fn(False)((self.params, jax.device_put(xa)), s2, _rows(xa),
+                                _rows(xb))
+
+  def _contract(self, s1, s2, b1, b2, symmetric):
+    from ntk_compiler.methods import ntk_vp
+    params, xa = s1
+    shapes1, shapes2 = self._shapes(b1, b2)
+    sub = dataclasses.replace(self.problem, params=params, x1=xa, x2=xa,
+                              shapes1=tuple(map(tuple, shapes1)),
+                              shapes2=tuple(map(tuple, shapes2)))
+    return ntk_vp.push_forward(sub, s2)
 
 
 def _precision(precision):
@@ -797,14 +922,8 @@ def _run_tiles(ntk_fn, params, x1, x2, plan, tiling: Tiling, dests, reporter) ->
     reporter.update(1)
     reporter.close()
     return
-  structured = (plan.method == "structured" and mesh is None
-                and getattr(plan, "engine", None) is not None)
-  if structured:
-    budget = ntk_fn.max_memory or default_budget(jax.local_devices()[:1])
-    sides = _Sides(ntk_fn, plan, params, budget, peak_bytes(
-        "structured", sizes(plan), tiling.block1, tiling.block2,
-        diagonal=mode != "pairs"))
-  else:
+  blocks = _blocks(ntk_fn, plan, params, tiling, mesh)
+  if blocks is None:
     runner = _Runner(ntk_fn, params, mesh, mode)
   h1 = _host(x1)
   h2 = h1 if x2 is None else _host(x2)
@@ -817,6 +936,8 @@ def _run_tiles(ntk_fn, params, x1, x2, plan, tiling: Tiling, dests, reporter) ->
       continue
     for j in range(i if symmetric else 0, n2, b2):
       jobs.append((i, j))
+  if blocks is not None:
+    jobs = blocks.order(jobs)
   pending, done, written = None, 0, {}
   try:
     for i, j in jobs:
@@ -825,8 +946,8 @@ def _run_tiles(ntk_fn, params, x1, x2, plan, tiling: Tiling, dests, reporter) ->
       pad1 = stop1 - i if mode == "trace" else b1
       pad2 = stop2 - j if mode == "trace" else (b1 if mode != "pairs" else b2)
       xa, xb = _block(h1, i, stop1, pad1), _block(h2, j, stop2, pad2)
-      if structured:
-        kernels = sides.tile(xa, xb, symmetric and i == j, i, j)
+      if blocks is not None:
+        kernels = blocks.tile(xa, xb, symmetric and i == j, i, j)
       else:
         kernels = runner.tile(xa, xb, symmetric and i == j)
       if pending is not None:
@@ -840,6 +961,24 @@ def _run_tiles(ntk_fn, params, x1, x2, plan, tiling: Tiling, dests, reporter) ->
       reporter.update(done)
   finally:
     reporter.close()
+
+
+def _blocks(ntk_fn, plan, params, tiling: Tiling, mesh) -> _Blocks | None:
+  """The runner that keeps each block's side for the tiles that need it, on one
+  device: structured (every layout), jacobian and ntk_vp (a grid of tiles: with axis 0
+  diagonal or traced each block is in one tile only). None: each tile in one program
+  (`_Runner`)."""
+  if mesh is not None:
+    return None
+  kinds = {"structured": _Sides, "jacobian": _Jacobians, "ntk_vp": _Cotangents}
+  kind = kinds.get(plan.method)
+  if kind is None or (plan.method == "structured" and getattr(plan, "engine", None)
+                      is None) or (kind is not _Sides and tiling.mode != "pairs"):
+    return None
+  budget = ntk_fn.max_memory or default_budget(jax.local_devices()[:1])
+  tile_bytes = peak_bytes(plan.method, sizes(plan), tiling.block1, tiling.block2,
+                          diagonal=tiling.mode != "pairs")
+  return kind(ntk_fn, plan, params, budget, tile_bytes)
 
 
 def tiling_sizes(plan, tiling):

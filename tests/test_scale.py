@@ -133,6 +133,50 @@ def test_tiles_architectures(model, method, symmetric):
   assert_matches(ntk_fn(params, x1, x2), _oracle(model, x2), RTOL)
 
 
+def _recording_blocks(monkeypatch):
+  """Records the `_Blocks` runner of each tiled call (its `evaluations`: sides
+  computed)."""
+  made = []
+  original = scale._blocks
+
+  def record(*args, **kwargs):
+    made.append(original(*args, **kwargs))
+    return made[-1]
+  monkeypatch.setattr(scale, "_blocks", record)
+  return made
+
+
+# (method, x2 omitted, max_memory) -> sides computed for 3 blocks of x1 (and 3 of x2):
+# each block's once when the budget keeps them all; with room for two only (the row's
+# and the column's), jacobian keeps the row's for its whole row of tiles and snakes,
+# so the next row starts on a kept column (x2 given: 3 rows + 9 columns - 2 kept),
+# and ntk_vp goes column by column. Recomputed for every tile it would be 9 (x2
+# omitted: 3 diagonal tiles x 1 + 3 others x 2) and 18 (9 tiles x 2); ntk_vp's x1
+# side is the inputs (f linearised in the tile).
+REUSE = [("jacobian", True, None, 3), ("jacobian", False, None, 6),
+         ("jacobian", True, 1000, 4), ("jacobian", False, 1000, 10),
+         ("ntk_vp", True, 1000, 3), ("ntk_vp", False, 1000, 3),
+         ("structured", True, None, 3)]
+
+
+@pytest.mark.parametrize("method, symmetric, memory, computed", _quick(
+    REUSE, [REUSE[0], REUSE[3], REUSE[4]]))
+def test_tiles_compute_each_block_once(monkeypatch, method, symmetric, memory,
+                                       computed):
+  made = _recording_blocks(monkeypatch)
+  model = models.mlp()
+  params, x1, x2 = _draw(model)
+  x2 = None if symmetric else x2
+  ntk_fn = nc.compile_ntk(model.f, method=method, block_size=2, max_memory=memory)
+  assert ntk_fn.estimate(params, x1, x2).tiling.block1 == 2
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", ResourceWarning)
+    kernel = ntk_fn(params, x1, x2)
+  assert_matches(kernel, _oracle(model, x2), RTOL)
+  (blocks,) = made
+  assert blocks.evaluations == computed
+
+
 def test_budget_tiles_the_call():
   model = models.mlp()
   params, x1, _ = _draw(model)

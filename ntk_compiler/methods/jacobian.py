@@ -23,6 +23,12 @@ def jacobian_ntk(problem: Problem) -> list[jax.Array]:
   with jax.named_scope("ntk/jacobian"):
     jac1 = jacobians(problem, problem.x1)
     jac2 = jac1 if problem.symmetric else jacobians(problem, problem.x2)
+  return contract(problem, jac1, jac2)
+
+
+def contract(problem: Problem, jac1: list, jac2: list) -> list[jax.Array]:
+  """The kernels from the Jacobians of both sides (as `jacobians` returns them): tiles
+  (ntk_compiler/scale.py) contract a block's Jacobians, computed once, with others."""
   kernels = []
   for k, layout in enumerate(problem.layouts):
     shape1 = problem.shapes1[k]

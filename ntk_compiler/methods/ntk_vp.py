@@ -56,15 +56,31 @@ def ntk_vp_ntk(problem: Problem) -> list[jax.Array]:
     out1, jvp1 = jax.linearize(lambda p: problem.f(p, problem.x1), problem.params)
     out2 = out1 if problem.symmetric else jax.eval_shape(
         problem.f, problem.params, problem.second)
-    kernels = []
-    for k, layout in enumerate(problem.layouts):
-      shape1, shape2 = problem.shapes1[k], problem.shapes2[k]
-      cts = _param_cotangents(problem, k, out2)
-      columns = jax.vmap(lambda ct: jax.tree_util.tree_leaves(jvp1(ct))[k])(cts)
-      # Each entry is one JVP, summed over the parameters in f's own dtype; only the
-      # trace below is accumulated in float32 for float16 / bfloat16 models.
-      full = widen(columns).reshape(shape2 + shape1)
-      full = jnp.moveaxis(full, tuple(range(len(shape2))),
-                          tuple(range(len(shape1), len(shape1) + len(shape2))))
-      kernels.append(apply_layout(full, layout, shape1))
-  return kernels
+    return [_push_one(problem, jvp1, k, _param_cotangents(problem, k, out2))
+            for k in range(len(problem.layouts))]
+
+
+def param_cotangents(problem: Problem) -> list:
+  """x2's cotangents in parameter space, one stack per output leaf: what tiles
+  (ntk_compiler/scale.py) compute once per block of x2 and push forward at each block
+  of x1 (`push_forward`)."""
+  out2 = jax.eval_shape(problem.f, problem.params, problem.second)
+  return [_param_cotangents(problem, k, out2) for k in range(len(problem.layouts))]
+
+
+def push_forward(problem: Problem, cts: list) -> list[jax.Array]:
+  """The kernels from x2's cotangents (`param_cotangents`), pushed forward at x1."""
+  _, jvp1 = jax.linearize(lambda p: problem.f(p, problem.x1), problem.params)
+  return [_push_one(problem, jvp1, k, c) for k, c in enumerate(cts)]
+
+
+def _push_one(problem: Problem, jvp1, k: int, cts) -> jax.Array:
+  """Output leaf k's kernel: each of x2's cotangents pushed forward at x1."""
+  layout, shape1, shape2 = problem.layouts[k], problem.shapes1[k], problem.shapes2[k]
+  columns = jax.vmap(lambda ct: jax.tree_util.tree_leaves(jvp1(ct))[k])(cts)
+  # Each entry is one JVP, summed over the parameters in f's own dtype; only the
+  # trace below is accumulated in float32 for float16 / bfloat16 models.
+  full = widen(columns).reshape(shape2 + shape1)
+  full = jnp.moveaxis(full, tuple(range(len(shape2))),
+                      tuple(range(len(shape1), len(shape1) + len(shape2))))
+  return apply_layout(full, layout, shape1)
