@@ -36,6 +36,10 @@ def test_quick_row_runs_and_candidates_agree(tmp_path, capsys):
     assert r["max_rel_diff"] < 1e-4, (name, r["max_rel_diff"])
   assert row["summary"]["auto_chose"] in ("structured", "jacobian", "ntk_vp")
   assert row["summary"]["speedup"]["jacrev"] == 1
+  # auto lowers to the very program of the method it chose: one candidate, timed once
+  chose = row["summary"]["auto_chose"]
+  assert row["methods"]["auto"]["program"] == row["methods"][chose]["program"]
+  assert row["summary"]["auto_same_program_as"] == chose
   (first,) = out["first_call"]
   assert first["model"] == "diamonds" and first["plan_s"] > 0
   assert first["max_rel_diff"] < 1e-4 and first["first_call_ratio"] > 0
