@@ -86,7 +86,9 @@ def compile_ntk(
       per-example f; docs/scale.md), with x2 omitted only the upper tiles.
     block_size: examples per tile, instead of sizing tiles from `max_memory`.
     devices: the devices tiles shard over: a sequence of devices or a
-      `jax.sharding.Mesh`; None (default): every local device.
+      `jax.sharding.Mesh` (every call then takes the tiled path); None (default):
+      one device for a call that fits the budget, every local device for one that
+      needs tiles.
     progress: tiled runs report tiles done: None (a bar on a terminal only), True,
       False, or a callable `progress(done, total, elapsed_seconds)`.
 
@@ -175,10 +177,12 @@ class NTKFunction:
   def __call__(self, params: Any, x1: Any, x2: Any = None, out: Any = None) -> Any:
     """Θ(x1, x2), or Θ(x1, x1) when x2 is omitted: one kernel per output leaf.
 
-    A call estimated above `max_memory` (or given `out=`, or with `block_size` or
-    several devices) runs in tiles and returns NumPy arrays; `out=` (a writable NumPy
-    array, e.g. `np.lib.format.open_memmap`, or a pytree of them like the kernels)
-    receives the kernel tile by tile and is returned. docs/scale.md.
+    A call that fits `max_memory` on one device runs there in one piece and returns
+    JAX arrays (also with several devices, unless `devices=` is given). A call
+    estimated above it, or with `block_size=`, `devices=` or `out=`, runs in tiles
+    (sharded over the devices) and returns NumPy arrays on the host; `out=` (a
+    writable NumPy array, e.g. `np.lib.format.open_memmap`, or a pytree of them like
+    the kernels) receives the kernel tile by tile and is returned. docs/scale.md.
     """
     kernel = scale.call(self, params, x1, x2, out)
     if self.validate:  # raises ValidationError: the kernel is not returned

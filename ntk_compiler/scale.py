@@ -426,6 +426,13 @@ def estimate(ntk_fn, params, x1, x2=None, plan=None) -> ScaleEstimate:
   plan = ntk_fn.plan(params, x1, x2) if plan is None else plan
   s = sizes(plan)
   mesh = mesh_of(ntk_fn.devices) if _splits(plan) else None
+  if ntk_fn.devices is None and mesh is not None:
+    # Not asked for devices: a call that needs no tiles runs on one, like any jitted
+    # function; one that does is sharded over every local device.
+    one = choose_tiling(plan, s, ntk_fn.max_memory or default_budget(
+        jax.local_devices()[:1]), ntk_fn.block_size, 1)
+    if not one.split:
+      mesh = None
   ndev = mesh.devices.size if mesh is not None else 1
   budget = ntk_fn.max_memory or default_budget(
       mesh.devices.flat if mesh is not None else jax.local_devices()[:1])
@@ -1087,8 +1094,10 @@ def _fits_quickly(ntk_fn, params, x1, x2) -> bool:
 
 def call(ntk_fn, params, x1, x2=None, out=None):
   """`ntk_fn(params, x1, x2, out=...)`: in one piece by the NTK function's own jitted
-  program when that fits (the result is then a JAX array), else in tiles (NumPy
-  arrays, or `out`)."""
+  program, on one device, when that fits the budget of one device (the result is then
+  a JAX array, as from any jitted function), else in tiles over every local device
+  (NumPy arrays on the host, or `out`). `block_size=`, `devices=` and `out=` always
+  take the tiled path (NumPy, or `out`)."""
   if _is_traced(params, x1, x2):
     if out is not None:
       raise TypeError("out= needs concrete arrays: it writes the kernel tile by tile "
@@ -1096,8 +1105,7 @@ def call(ntk_fn, params, x1, x2=None, out=None):
     return ntk_fn._jitted(params, x1, x2)
   explicit = (out is not None or ntk_fn.block_size is not None
               or ntk_fn.devices is not None)
-  one_device = ntk_fn.devices is None and len(jax.local_devices()) == 1
-  if not explicit and one_device and _fits_quickly(ntk_fn, params, x1, x2):
+  if not explicit and _fits_quickly(ntk_fn, params, x1, x2):
     return ntk_fn._jitted(params, x1, x2)
   plan, est = cached_estimate(ntk_fn, params, x1, x2)
   in_one_piece = est.fits or est.tiling.mode == "whole"

@@ -397,10 +397,17 @@ _SHARDED = textwrap.dedent("""
       ntk_fn = nc.compile_ntk(model.f, method=method, trace_axes=trace,
                               diagonal_axes=diagonal, **kwargs)
       est = ntk_fn.estimate(params, x1, x2)
+      # block_size, devices or a small budget: tiles over the devices, NumPy; else
+      # one piece on one device, a JAX array, as on a machine with one device.
+      tiled = bool(kwargs)
       want = (ntk_fn.devices.devices.size if hasattr(ntk_fn.devices, "devices")
-              else len(ntk_fn.devices or jax.devices()))
+              else len(ntk_fn.devices or jax.devices())) if tiled else 1
       assert est.tiling.devices == want, est
+      assert est.tiling.split or "max_memory" not in kwargs, est
       kernel = ntk_fn(params, x1, x2)
+      assert isinstance(kernel, np.ndarray if tiled else jax.Array), type(kernel)
+      if not tiled:
+        assert len(kernel.devices()) == 1, kernel.sharding
       assert_matches(kernel, oracle_ntk(model.f, params, x1, x2, trace, diagonal), 1e-10)
       v = np.random.default_rng(0).normal(size=jax.eval_shape(
           model.f, params, x1 if x2 is None else x2).shape[:-1])
@@ -436,7 +443,8 @@ def test_mesh_of_one_device(mode):
 @full
 def test_sharded_on_8_devices():
   _run_sharded([("mlp", "structured", (-1,), (), True, {}),
-                ("mlp", "jacobian", (-1,), (), False, {"block_size": 4})])
+                ("mlp", "jacobian", (-1,), (), False, {"block_size": 4}),
+                ("mlp", "ntk_vp", (-1,), (), True, {"max_memory": 20_000})])
 
 
 @full
