@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from ntk_compiler import analysis, batching, compat, cost, inspect, trace
 from ntk_compiler import axes as axes_lib
 from ntk_compiler.methods import Problem
+from ntk_compiler.rules import custom_jvp
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
@@ -202,7 +203,10 @@ def batch_decision(ntk_fn, params, x, batch: int) -> batching.Decision:
 
 def engine_plan(ntk_fn, f, params, x, per_example: bool) -> analysis.Plan:
   program = trace.trace_program(f, params, x, per_example)
-  engine = analysis.plan(program.jaxpr, program.consts, program.num_params,
+  jaxpr, consts = custom_jvp.follow_linear_jvps(
+      program.jaxpr, program.consts, program.num_params, ntk_fn.rules) or (
+          program.jaxpr, program.consts)
+  engine = analysis.plan(jaxpr, consts, program.num_params,
                          x_dependent=True, rules=ntk_fn.rules)
   if ntk_fn.strict:
     _raise_on_fallbacks(engine, params)

@@ -518,3 +518,97 @@ def test_solve_across_examples_mixes():
   f = lambda p, x: jnp.linalg.solve(x[:, :2].T @ x[:, :2] + p, x[:2].T).T
   d = decide(f, 4 * jnp.eye(2), rand(4, 3, seed=2))
   assert not d.independent, d.reason
+
+
+# custom_jvp calls: followed through the JVP rule's tangent program, never the primal
+# body (a gradient-reversal layer's body is the identity, its JVP negates).
+
+@jax.custom_jvp
+def custom_matmul(x, w):
+  return x @ w
+
+
+@custom_matmul.defjvp
+def _custom_matmul_jvp(primals, tangents):
+  (x, w), (tx, tw) = primals, tangents
+  return custom_matmul(x, w), tx @ w + x @ tw
+
+
+@jax.custom_jvp
+def reversed_matmul(x, w):
+  """x @ w whose derivative is negated (gradient reversal fused into a layer)."""
+  return x @ w
+
+
+@reversed_matmul.defjvp
+def _reversed_matmul_jvp(primals, tangents):
+  (x, w), (tx, tw) = primals, tangents
+  return reversed_matmul(x, w), -(tx @ w + x @ tw)
+
+
+@jax.custom_jvp
+def reverse_gradient(x):
+  return x
+
+
+@reverse_gradient.defjvp
+def _reverse_gradient_jvp(primals, tangents):
+  return primals[0], -tangents[0]
+
+
+@jax.custom_jvp
+def squared_tangent(x, w):
+  return x @ w
+
+
+@squared_tangent.defjvp
+def _squared_tangent_jvp(primals, tangents):  # not linear in the tangents
+  (x, w), (tx, tw) = primals, tangents
+  return squared_tangent(x, w), (x @ tw) * (x @ tw)
+
+
+def custom_jvp_model(p, x):
+  h = jnp.tanh(custom_matmul(x, p["w"]) + p["b"])
+  h = jnp.tanh(reverse_gradient(h @ p["v"]))
+  return jnp.tanh(reversed_matmul(h, p["r"])) @ p["o"]
+
+
+CUSTOM_JVP = {"w": rand(3, 4), "b": rand(4, seed=1), "v": rand(4, 4, seed=2),
+              "r": rand(4, 4, seed=3), "o": rand(4, 2, seed=4)}
+
+
+def test_custom_jvp_linear_layers():
+  """The custom matmuls are structured (their JVP's dot_generals), with the JVP's
+  sign; the elementwise gradient reversal is cut before, with its own derivative."""
+  e = check(custom_jvp_model, CUSTOM_JVP, rand(4, 3, seed=5), rand(2, 3, seed=6),
+            no_fallback=True)
+  for name in ("'w'", "'r'"):
+    leaf, = [leaf for leaf in e.leaves if name in leaf.path]
+    assert all("dot_general" in u.steps for u in leaf.uses), leaf.uses
+
+
+@full
+def test_custom_jvp_inside_jit_and_whole_batch():
+  f = jax.jit(custom_jvp_model)
+  check(f, CUSTOM_JVP, rand(4, 3, seed=5), no_fallback=True)
+  ntk_fn = nc.compile_ntk(f, method="structured", batch_independent=False)
+  x1, x2 = rand(4, 3, seed=5), rand(2, 3, seed=6)
+  assert_matches(ntk_fn(CUSTOM_JVP, x1, x2), oracle_ntk(f, CUSTOM_JVP, x1, x2), RTOL)
+
+
+def test_custom_jvp_left_opaque():
+  """A JVP not linear in the tangents, elementwise calls, a user's rule for
+  custom_jvp_call: the program is not rewritten."""
+  from ntk_compiler import trace
+  from ntk_compiler.rules import custom_jvp, registry
+  cases = [(lambda p, x: squared_tangent(x, p), registry()),
+           (lambda p, x: reverse_gradient(jax.nn.relu(x @ p)), registry()),
+           (lambda p, x: custom_matmul(x, p),
+            registry({custom_jvp.CUSTOM_JVP_CALL: lambda eqn, operand: None}))]
+  for f, rules in cases:
+    program = trace.trace_program(f, rand(3, 2), rand(4, 3, seed=1), per_example=False)
+    assert custom_jvp.follow_linear_jvps(program.jaxpr, program.consts, 1, rules) is None
+  program = trace.trace_program(lambda p, x: custom_matmul(x, p), rand(3, 2),
+                                rand(4, 3, seed=1), per_example=False)
+  assert custom_jvp.follow_linear_jvps(program.jaxpr, program.consts, 1,
+                                       registry()) is not None

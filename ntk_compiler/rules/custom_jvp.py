@@ -1,0 +1,154 @@
+"""`custom_jvp` calls followed through their JVP rule's tangent program.
+
+A `custom_jvp_call` carries two programs: the primal body and the user's JVP rule. Its
+derivative is the JVP rule's, not the body's (a gradient-reversal layer's body is the
+identity, its JVP negates), so following the body would be unsound. When the JVP rule's
+tangent output is linear in the tangents (JAX can transpose it), the call is replaced by
+
+    y = stop_gradient(F(x)) + T(stop_gradient(x), x - stop_gradient(x))
+
+with F the primal and T the tangent program: the same value (the tangent input is zero),
+and the same derivative, T's (exact, to every order the engine uses: the first). The
+structure rules then follow a parameter's view through T like any other program. Calls
+that map an array elementwise (relu, gelu, softmax: every operand the output's shape)
+are left opaque, as the analysis keeps them (their own derivative is used, with no
+loss); so are calls whose JVP is not linear in the tangents, and every call when the
+user registered a rule for `custom_jvp_call` itself.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.extend.core import primitives as prims
+
+from ntk_compiler import compat
+
+CUSTOM_JVP_CALL = getattr(prims, "custom_jvp_call_p", None)
+
+
+def follow_linear_jvps(jaxpr, consts: list, num_params: int, rules) -> tuple | None:
+  """(jaxpr, consts) of the program with every custom_jvp call that a parameter reaches
+  and whose JVP is linear in the tangents replaced as the module docstring says (call
+  bodies holding one are inlined); None if there is no such call (nothing changes).
+
+  Args:
+    jaxpr: the open jaxpr of f (invars: the parameter leaves, then the inputs).
+    consts: its constants.
+    num_params: how many leading invars are parameter leaves.
+    rules: the rule registry in effect (a rule for custom_jvp_call wins).
+  """
+  if CUSTOM_JVP_CALL is None or CUSTOM_JVP_CALL in rules:
+    return None
+  rewriter = _Rewriter()
+  in_dep = [i < num_params for i in range(len(jaxpr.invars))]
+  if not rewriter.reaches(jaxpr, in_dep):
+    return None
+
+  def rewritten(*args):
+    return rewriter.run(jaxpr, consts, list(args), in_dep)
+
+  avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in jaxpr.invars]
+  closed = jax.make_jaxpr(rewritten)(*avals)
+  return compat.open_jaxpr(closed), list(closed.consts)
+
+
+def _dep(atom, dep: dict) -> bool:
+  return not isinstance(atom, compat.Literal) and dep.get(atom, False)
+
+
+class _Rewriter:
+  """One rewrite: which calls are candidates (decided once per equation)."""
+
+  def __init__(self):
+    self.decided: dict[int, tuple] = {}  # id(eqn) -> (eqn, candidate?)
+
+  def candidate(self, eqn) -> bool:
+    """A custom_jvp call, not elementwise (those stay opaque, with no loss), with a JVP
+    linear in the tangents."""
+    if eqn.primitive is not CUSTOM_JVP_CALL:
+      return False
+    if id(eqn) not in self.decided:
+      shapes = {tuple(v.aval.shape) for v in eqn.outvars}
+      elementwise = len(eqn.outvars) == 1 and all(
+          tuple(a.aval.shape) in shapes | {()} for a in eqn.invars)
+      self.decided[id(eqn)] = (eqn, not elementwise and _linear_jvp(eqn))
+    return self.decided[id(eqn)][1]
+
+  def reaches(self, jaxpr, in_dep) -> bool:
+    """Whether a parameter (in_dep) flows into a candidate, here or in call bodies."""
+    dep = dict(zip(jaxpr.invars, in_dep))
+    for eqn in jaxpr.eqns:
+      ops = [_dep(a, dep) for a in eqn.invars]
+      if any(ops):
+        if self.candidate(eqn):
+          return True
+        body = compat.call_body(eqn)
+        if body is not None and self.reaches(body[0], ops):
+          return True
+      for v in eqn.outvars:
+        dep[v] = any(ops)
+    return False
+
+  def run(self, jaxpr, consts, args, in_dep):
+    """Evaluates `jaxpr` (under tracing), replacing the candidates."""
+    env = dict(zip(jaxpr.constvars, consts))
+    env.update(zip(jaxpr.invars, args))
+    dep = dict(zip(jaxpr.invars, in_dep))
+    for eqn in jaxpr.eqns:
+      vals = [compat.read_atom(env, a) for a in eqn.invars]
+      ops = [_dep(a, dep) for a in eqn.invars]
+      body = compat.call_body(eqn) if any(ops) else None
+      if any(ops) and self.candidate(eqn):
+        outs = _followed(eqn, vals)
+      elif body is not None and self.reaches(body[0], ops):
+        outs = self.run(body[0], body[1], vals, ops)  # inlined: it holds a candidate
+      else:
+        outs = compat.bind_eqn(eqn, vals)
+      env.update(zip(eqn.outvars, outs))
+      for v in eqn.outvars:
+        dep[v] = any(ops)
+    return [compat.read_atom(env, v) for v in jaxpr.outvars]
+
+
+def _inexact(x) -> bool:
+  return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+
+
+def _tangent_fn(eqn, primals: list):
+  """(float operand indices, g) with g(*float operands) = the call on `primals` with
+  those operands replaced."""
+  floats = [i for i, p in enumerate(primals) if _inexact(p)]
+
+  def g(*values):
+    ops = list(primals)
+    for i, v in zip(floats, values):
+      ops[i] = v
+    return compat.bind_eqn(eqn, ops)
+  return floats, g
+
+
+def _followed(eqn, vals: list) -> list:
+  """stop_gradient(F(x)) + T(stop_gradient(x), x - stop_gradient(x)), per output."""
+  primals = [jax.lax.stop_gradient(v) if _inexact(v) else v for v in vals]
+  floats, g = _tangent_fn(eqn, primals)
+  ys, dys = jax.jvp(g, [primals[i] for i in floats],
+                    [vals[i] - primals[i] for i in floats])
+  return [jax.lax.stop_gradient(y) + dy if _inexact(y) else y for y, dy in zip(ys, dys)]
+
+
+def _linear_jvp(eqn) -> bool:
+  """Whether the call's tangent outputs are linear in its tangent inputs: JAX can
+  transpose the JVP rule's tangent program (at the call's shapes and dtypes)."""
+  avals = [jax.ShapeDtypeStruct(a.aval.shape, a.aval.dtype) for a in eqn.invars]
+
+  def transposed(*primals):
+    floats, g = _tangent_fn(eqn, list(primals))
+    tangent_map = lambda *ts: jax.jvp(g, [primals[i] for i in floats], list(ts))[1]
+    cts = [jnp.zeros(v.aval.shape, v.aval.dtype) for v in eqn.outvars]
+    return jax.linear_transpose(tangent_map, *[avals[i] for i in floats])(cts)
+  try:
+    jax.make_jaxpr(transposed)(*avals)
+  except Exception:  # noqa: BLE001 (any failure: JAX cannot transpose it: not linear)
+    return False
+  return True
