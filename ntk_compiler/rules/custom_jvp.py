@@ -18,8 +18,11 @@ user registered a rule for `custom_jvp_call` itself.
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
+from jax.extend import source_info_util
 from jax.extend.core import primitives as prims
 
 from ntk_compiler import compat
@@ -99,16 +102,25 @@ class _Rewriter:
       vals = [compat.read_atom(env, a) for a in eqn.invars]
       ops = [_dep(a, dep) for a in eqn.invars]
       body = compat.call_body(eqn) if any(ops) else None
-      if any(ops) and self.candidate(eqn):
-        outs = _followed(eqn, vals)
-      elif body is not None and self.reaches(body[0], ops):
+      if body is not None and not self.candidate(eqn) and self.reaches(body[0], ops):
         outs = self.run(body[0], body[1], vals, ops)  # inlined: it holds a candidate
       else:
-        outs = compat.bind_eqn(eqn, vals)
+        with _source(eqn):  # explain() keeps pointing at the user's lines
+          outs = (_followed(eqn, vals) if any(ops) and self.candidate(eqn)
+                  else compat.bind_eqn(eqn, vals))
       env.update(zip(eqn.outvars, outs))
       for v in eqn.outvars:
         dep[v] = any(ops)
     return [compat.read_atom(env, v) for v in jaxpr.outvars]
+
+
+def _source(eqn):
+  """The equation's source line and name stack for what is traced in the block."""
+  info = getattr(eqn, "source_info", None)
+  if info is None:
+    return contextlib.nullcontext()
+  return source_info_util.user_context(getattr(info, "traceback", None),
+                                       name_stack=getattr(info, "name_stack", None))
 
 
 def _inexact(x) -> bool:
