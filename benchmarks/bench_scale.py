@@ -1,7 +1,8 @@
 """Scale benchmarks: tiles under a budget, streaming to disk, the jacobian method.
 
-    .venv/bin/python benchmarks/bench_scale.py [--part symmetric|stream|jacobian|reuse|all]
-        [--n N] [--memory 2GB] [--path kernel.npy]
+    .venv/bin/python benchmarks/bench_scale.py
+        [--part symmetric|stream|jacobian|reuse|all] [--n N] [--memory 2GB]
+        [--path kernel.npy]
 
 Each part runs in a fresh subprocess, so its peak resident memory (`resource.getrusage`,
 ru_maxrss: the high-water mark of the process) is its own; "growth" is that peak minus
@@ -16,10 +17,10 @@ the resident memory after JAX, the model and the inputs were set up.
 - jacobian: method="jacobian" at N = 1024 on a 3x256 MLP (per-example Jacobians ~6 GB)
   under max_memory="1GB": time and peak memory growth.
 - reuse: methods jacobian and ntk_vp, at N = 512 on the 3x256 MLP and N = 256 on the
-  benchmark suite's CNN, under max_memory="1GB", x2 omitted and given: each block's Jacobians / cotangents computed
-  once and kept for the tiles that need them (the default), against every tile
-  computing its own (the runner switched off), warm calls; time ratio and the sides
-  computed.
+  benchmark suite's CNN, under max_memory="1GB", x2 omitted and given: each block's
+  Jacobians / cotangents computed once and kept for the tiles that need them (the
+  default), against every tile computing its own (the runner switched off), warm
+  calls; time ratio and the sides computed.
 
 Run it on a quiet machine: timings of concurrent jobs mean little.
 """

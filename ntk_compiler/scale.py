@@ -897,8 +897,15 @@ def compute(ntk_fn, params, x1, x2=None, out=None, plan=None, est=None) -> Any:
   kept = plan.kept
   live = [dests[i] for i in kept]
   for i, d in enumerate(dests):
-    if i not in kept or tiling.mode == "trace":
+    if i not in kept:
       d[...] = 0
+  if given is None and tiling.devices > 1 and tiling.mode != "trace" and (
+      _spans_processes(mesh_of(ntk_fn.devices))):
+    warnings.warn(
+        "devices= spans several processes and out= is not given: each process's result "
+        "holds only the rows its own devices computed (the others are zero). Pass "
+        "out= a memmap of one .npy on a shared filesystem, opened in every process "
+        "(docs/scale.md, 'Devices and hosts').", RuntimeWarning, stacklevel=3)
   if kept and tiling.tiles:
     _run_tiles(ntk_fn, params, x1, x2, plan, tiling, live,
                Progress(ntk_fn.progress, tiling.tiles))
@@ -906,6 +913,10 @@ def compute(ntk_fn, params, x1, x2=None, out=None, plan=None, est=None) -> Any:
       if isinstance(dest, np.memmap):
         _release(dest)
   return given if given is not None else plan.out_tree.unflatten(dests)
+
+
+def _spans_processes(mesh: Mesh) -> bool:
+  return any(d.process_index != jax.process_index() for d in mesh.devices.flat)
 
 
 def _warn_whole(plan, est) -> None:
@@ -945,6 +956,11 @@ def _run_tiles(ntk_fn, params, x1, x2, plan, tiling: Tiling, dests, reporter) ->
       jobs.append((i, j))
   if blocks is not None:
     jobs = blocks.order(jobs)
+  final = dests
+  if mode == "trace":
+    # The mean over blocks is summed on the host and written once at the end: with
+    # several processes writing one file, each writes the same whole value.
+    dests = [np.zeros(d.shape, d.dtype) for d in final]
   pending, done, written = None, 0, {}
   try:
     for i, j in jobs:
@@ -966,6 +982,9 @@ def _run_tiles(ntk_fn, params, x1, x2, plan, tiling: Tiling, dests, reporter) ->
       _store(pending, dests, layouts, mode, symmetric, n1, written)
       done += 1
       reporter.update(done)
+    if mode == "trace":
+      for dest, total in zip(final, dests):
+        dest[...] = total
   finally:
     reporter.close()
 
@@ -1254,10 +1273,17 @@ def _matvec_leaf(problem, k, o, vk, est, mesh, cache):
   p_dev = put(params, P())
 
   def sharded(fn, in_specs, out_specs):
+    """fn over the mesh; a result split by examples is gathered on every device (so
+    every process, on several hosts, can read the whole block)."""
     if mesh is None:
       return jax.jit(fn)
-    return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
-                                 check_vma=False))
+    if out_specs != P():
+      axis_names = mesh.axis_names
+      gathered = lambda *args: jax.lax.all_gather(fn(*args), axis_names, tiled=True)
+    else:
+      gathered = fn
+    return jax.jit(jax.shard_map(gathered, mesh=mesh, in_specs=in_specs,
+                                 out_specs=P(), check_vma=False))
 
   if 0 in axes:
     # Only pairs (x1[n], x2[n]) count: per example, vmapped over a block's examples.

@@ -460,3 +460,87 @@ def test_sharded_grid_on_8_devices():
             ("cnn", "structured", (-1,), (), True, {"devices": 2}),
             ("mlp", "ntk_vp", (-1,), (), False, {"devices": "mesh"})]
   _run_sharded(cases)
+
+
+# --- several processes (hosts) ----------------------------------------------------------
+
+_PROCESS = textwrap.dedent("""
+    import sys
+    import jax
+    jax.config.update("jax_enable_x64", True)
+    jax.config.update("jax_disable_most_optimizations", True)  # as tests/conftest.py
+    process, port, directory = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    jax.distributed.initialize(coordinator_address=f"localhost:{{port}}",
+                               num_processes=2, process_id=process)
+    import numpy as np
+    sys.path.insert(0, "tests")
+    import models
+    import ntk_compiler as nc
+    assert jax.process_count() == 2 and len(jax.devices()) == 4, jax.devices()
+    assert len(jax.local_devices()) == 2
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("examples",))
+    model = models.mlp()
+    params, x1, x2 = model.draw(0, 11, 11, np.float64)
+    for name, method, trace, diagonal, symmetric in {cases}:
+      ntk_fn = nc.compile_ntk(model.f, method=method, trace_axes=trace,
+                              diagonal_axes=diagonal, devices=mesh, block_size=4)
+      assert ntk_fn.estimate(params, x1).tiling.devices == 4
+      # One .npy for both processes (created by the test): each writes its rows.
+      out = np.lib.format.open_memmap(f"{{directory}}/{{name}}.npy", mode="r+")
+      assert ntk_fn(params, x1, None if symmetric else x2, out=out) is out
+      out.flush()
+    ntk_fn = nc.compile_ntk(model.f, devices=mesh, block_size=4)
+    v = np.arange(11.0)
+    np.save(f"{{directory}}/matvec{{process}}.npy", ntk_fn.matvec(params, x1, None, v))
+    print("OK", process)
+""")
+
+MULTI_PROCESS_CASES = [("pairs", "structured", (-1,), (), True),
+                       ("full", "jacobian", (), (), False),
+                       ("traced", "jacobian", (0,), (), False),
+                       ("diagonal", "ntk_vp", (), (0,), True)]
+
+
+def _free_port() -> int:
+  import socket
+  with socket.socket() as sock:
+    sock.bind(("localhost", 0))
+    return sock.getsockname()[1]
+
+
+@full
+def test_two_processes(tmp_path):
+  """jax.distributed over two local processes (two CPU devices each, gloo collectives):
+  the kernel on a Mesh of the 4 global devices, written by both processes into one
+  memmap, and matvec read by each, equal the float64 oracle's."""
+  model = models.mlp()
+  params, x1, x2 = model.draw(0, 11, 11, jnp.float64)
+  expected = {}
+  for name, _, trace, diagonal, symmetric in MULTI_PROCESS_CASES:
+    x2_case = None if symmetric else x2
+    expected[name] = np.asarray(apply_layouts(
+        *full_kernel(model.f, params, x1, x2_case), trace, diagonal))
+    np.lib.format.open_memmap(tmp_path / f"{name}.npy", mode="w+",
+                              dtype=np.float64, shape=expected[name].shape)
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES="2", XLA_FLAGS=os.environ.get(
+      "XLA_FLAGS", ""))
+  script = _PROCESS.format(cases=MULTI_PROCESS_CASES)
+  port = str(_free_port())
+  procs = [subprocess.Popen([sys.executable, "-c", script, str(i), port, str(tmp_path)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outputs = []
+  try:
+    for proc in procs:
+      outputs.append(proc.communicate(timeout=300))
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+  for i, (proc, (stdout, stderr)) in enumerate(zip(procs, outputs)):
+    assert proc.returncode == 0 and f"OK {i}" in stdout, stderr[-4000:]
+  for name in expected:
+    assert_matches(np.load(tmp_path / f"{name}.npy"), expected[name], RTOL)
+  kernel = np.asarray(apply_layouts(*full_kernel(model.f, params, x1), (-1,), ()))
+  for i in range(2):
+    assert_matches(np.load(tmp_path / f"matvec{i}.npy"), kernel @ np.arange(11.0), RTOL)
