@@ -49,8 +49,11 @@ row, and the per-example path is exact at N. The decision is for this N (and 1) 
 
 Not compared, and trusted: custom derivative rules (the functions in custom_jvp /
 custom_vjp params) are taken to be as batch independent as the primal body they wrap.
-Not proven although per-example: programs that JAX specialises for a size-1 axis
-(`jnp.take_along_axis` gathers differently at N = 1) take the whole-batch path.
+A gather that JAX specialises for a size-1 batch (`jnp.take_along_axis` at N = 1: the
+index's batch axis reshaped out, the operand's gathered as a window of size 1) is
+compared and analysed in the batching form it has at N (`_canonical_trace`), which
+computes the same array. Not proven although per-example: other programs that JAX
+specialises for a size-1 axis take the whole-batch path.
 """
 
 from __future__ import annotations
@@ -1238,6 +1241,7 @@ def infer(trace_at: Callable[[int], Any], num_params: int, batch: int) -> Decisi
 
 def _decide(big, one, num_params: int, n: int) -> Decision:
   flags = [i >= num_params for i in range(len(compat.open_jaxpr(big).invars))]
+  one = _canonical_trace(one)
   try:
     sizes_big, sizes_one = _align(big, one, n)
   except _Differs as e:
@@ -1255,6 +1259,105 @@ def _decide(big, one, num_params: int, n: int) -> Decision:
     return Decision(False, f"at batch size 1 (what the per-example path runs): "
                            f"{at_one.reason}")
   return Decision(True, f"{decision.reason}; the same program at batch sizes {n} and 1")
+
+
+# JAX specialises a gather for a size-1 batch: `jnp.take_along_axis` (Flax's
+# flip_sequences, for a reverse RNN with seq_lengths) at batch size 1 reshapes the
+# size-1 batch axis out of the indices and gathers that operand axis as a window of
+# size 1, where at N it pairs the two axes as batching dims. The two forms compute the
+# same array at batch size 1; the trace at 1 is compared and analysed in the batching
+# form (`_canonical_trace`), the one the trace at N has.
+
+@dataclasses.dataclass(frozen=True)
+class _Trace:
+  jaxpr: Any
+  consts: list | None
+
+
+def _canonical_trace(traced):
+  """`traced` with every size-1 gather in the batching form; `traced` if none."""
+  jaxpr, consts = _parts(traced)
+  new = _canonical(jaxpr)
+  return traced if new is jaxpr else _Trace(new, consts)
+
+
+def _canonical_body(body):
+  inner = compat.open_jaxpr(body)
+  new = _canonical(inner)
+  if new is inner:
+    return body
+  return new if inner is body else body.replace(jaxpr=new)
+
+
+def _canonical(jaxpr):
+  """`jaxpr` (open) with reshape + size-1 window gather pairs as batching gathers."""
+  eqns, changed = list(jaxpr.eqns), False
+  for i, eqn in enumerate(eqns):
+    params = {}
+    for key, value in eqn.params.items():
+      if _is_jaxpr(value):
+        params[key] = _canonical_body(value)
+      elif isinstance(value, tuple) and any(map(_is_jaxpr, value)):
+        params[key] = tuple(_canonical_body(v) if _is_jaxpr(v) else v for v in value)
+    if any(params[k] is not eqn.params[k] if not isinstance(params[k], tuple) else
+           any(x is not y for x, y in zip(params[k], eqn.params[k])) for k in params):
+      eqns[i] = eqn.replace(params={**eqn.params, **params})
+      changed = True
+  reads: dict = {}
+  for eqn in eqns:
+    for a in eqn.invars:
+      if not isinstance(a, compat.Literal):
+        reads[a] = reads.get(a, 0) + 1
+  for v in jaxpr.outvars:
+    if not isinstance(v, compat.Literal):
+      reads[v] = reads.get(v, 0) + 2
+  producer = {v: k for k, eqn in enumerate(eqns) for v in eqn.outvars}
+  dropped = set()
+  for i, eqn in enumerate(eqns):
+    if eqn.primitive is not lax.gather_p or isinstance(eqn.invars[1], compat.Literal):
+      continue
+    k = producer.get(eqn.invars[1])
+    if k is None or eqns[k].primitive is not lax.reshape_p or reads[eqn.invars[1]] != 1:
+      continue
+    batched = _batching_gather(eqn, eqns[k])
+    if batched is not None:
+      eqns[i] = batched
+      dropped.add(k)
+      changed = True
+  if not changed:
+    return jaxpr
+  return jaxpr.replace(eqns=[e for k, e in enumerate(eqns) if k not in dropped])
+
+
+def _batching_gather(gather, reshape):
+  """The gather of `reshape`'s operand, with the size-1 index axis the reshape drops
+  paired (as batching dims) with the size-1 operand axis gathered as a window of size
+  1 at the same output position; None if the two equations are not of that form."""
+  a, b = reshape.invars[0], reshape.outvars[0]
+  a_shape, b_shape = _shape(a), _shape(b)
+  if reshape.params.get("dimensions") is not None or len(a_shape) != len(b_shape) + 1:
+    return None
+  dn, sizes = gather.params["dimension_numbers"], gather.params["slice_sizes"]
+  o_shape, out_rank = _shape(gather.invars[0]), len(_shape(gather.outvars[0]))
+  window = [d for d in range(len(o_shape))
+            if d not in dn.collapsed_slice_dims and d not in dn.operand_batching_dims]
+  for j in range(len(a_shape) - 1):  # the last axis is the index vector
+    if a_shape[j] != 1 or a_shape[:j] + a_shape[j + 1:] != b_shape:
+      continue
+    for p, od in zip(dn.offset_dims, window):
+      if o_shape[od] != 1 or sizes[od] != 1 or od in dn.start_index_map:
+        continue
+      offsets = tuple(q for q in dn.offset_dims if q != p)
+      if [q for q in range(out_rank) if q not in offsets][j] != p:
+        continue
+      pairs = sorted([(x, y + (y >= j)) for x, y in zip(
+          dn.operand_batching_dims, dn.start_indices_batching_dims)] + [(od, j)])
+      new = dn._replace(offset_dims=offsets,
+                        operand_batching_dims=tuple(x for x, _ in pairs),
+                        start_indices_batching_dims=tuple(y for _, y in pairs))
+      return gather.replace(invars=[gather.invars[0], a] + list(gather.invars[2:]),
+                            params={**gather.params, "dimension_numbers": new})
+  return None
 
 
 def _first_line(e: Exception) -> str:

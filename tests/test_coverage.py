@@ -388,6 +388,47 @@ def test_flax_rnn_with_seq_lengths():
 
 
 @full
+@pytest.mark.parametrize("kind", ["reverse", "bidirectional"])
+def test_flax_reverse_rnn_with_seq_lengths(kind):
+  """Reverse and Bidirectional nn.RNN with seq_lengths flip each sequence within its
+  length (flip_sequences: take_along_axis, which JAX gathers differently at batch
+  size 1): per-example."""
+  nn = pytest.importorskip("flax.linen")
+  x = rand(3, 4, 2)
+  cell = lambda: nn.GRUCell(3, param_dtype=jnp.float64, dtype=jnp.float64)
+  rnn = (nn.RNN(cell(), reverse=True, keep_order=True) if kind == "reverse" else
+         nn.Bidirectional(nn.RNN(cell()), nn.RNN(cell())))
+  variables = rnn.init(jax.random.PRNGKey(0), x, seq_lengths=jnp.array([4, 2, 1]))
+
+  def f(p, x):
+    lengths = jnp.sum(jnp.abs(x[..., 0]) > 0.3, axis=1)
+    return rnn.apply(p, x, seq_lengths=lengths)[:, 0]
+  e = check(f, variables, x, rand(2, 4, 2, seed=1), no_fallback=True)
+  assert "proven" in e.batch.reason, e.batch.reason
+
+
+def test_size_one_gather_in_batching_form():
+  """take_along_axis at batch size 1 (reshape + a window gather) is analysed as the
+  batching gather it is at N, and that form computes the same array."""
+  from ntk_compiler import batching
+  f = lambda x, lengths: jnp.take_along_axis(
+      x, ((jnp.arange(3, -1, -1)[None] + lengths[:, None]) % 4)[..., None], axis=1)
+  x, lengths = rand(1, 4, 2), jnp.array([2])
+  closed = jax.make_jaxpr(f)(x, lengths)
+  canonical = batching._canonical_trace(closed)
+  assert canonical is not closed
+  count = lambda j, p: sum(e.primitive is p for e in batching.compat.open_jaxpr(
+      j.eqns[-1].params["jaxpr"]).eqns)
+  assert count(canonical.jaxpr, jax.lax.reshape_p) == count(closed.jaxpr,
+                                                             jax.lax.reshape_p) - 1
+  out = jax.core.eval_jaxpr(canonical.jaxpr, canonical.consts, x, lengths)
+  np.testing.assert_array_equal(out[0], f(x, lengths))
+  d = decide(lambda p, x: jnp.tanh(f(x @ p, (jnp.abs(x[:, :, 0]) > 0.3).sum(1))),
+             rand(2, 3), rand(3, 4, 2, seed=1))
+  assert d.independent, d.reason
+
+
+@full
 def test_flax_rnn_last_carry_at_seq_lengths():
   """return_carry with seq_lengths picks carries[len - 1, arange(N)]: per-example."""
   rnn, variables, x = _flax_rnn(return_carry=True)
