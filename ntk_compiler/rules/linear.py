@@ -54,7 +54,7 @@ def _conv_kwargs(eqn: EqnInfo) -> dict:
 
 
 def _patches(eqn: EqnInfo, x, filter_shape):
-  """P[n, i, f..., s...]: the lhs entry that kernel entry (i, f...) meets at output
+  """P[n, f..., i, s...]: the lhs entry that kernel entry (i, f...) meets at output
   (n, s...). Padding (and lhs dilation, as interior padding) once, then one strided
   slice per filter offset: memory traffic only, where a depthwise conv with an identity
   kernel (conv_general_dilated_patches) runs as a slow grouped convolution on CPU."""
@@ -73,8 +73,8 @@ def _patches(eqn: EqnInfo, x, filter_shape):
     limit = list(x.shape[:2]) + [s + (m - 1) * st + 1
                                  for s, m, st in zip(start[2:], out_sp, strides)]
     taps.append(lax.slice(x, start, limit, (1, 1, *strides)))
-  out = jnp.stack(taps, axis=2)  # (n, i, k, s...)
-  return out.reshape(*x.shape[:2], *filter_shape, *out_sp)
+  out = jnp.stack(taps, axis=1)  # (n, k, i, s...): the (filter offset, channel) rows
+  return out.reshape(x.shape[0], *filter_shape, x.shape[1], *out_sp)
 
 
 def _named_transpose(x, names, order):
@@ -110,12 +110,13 @@ def _conv_kernel_rule(eqn: EqnInfo) -> RuleResult | None:
   grouped = groups > 1 or batch_groups > 1
 
   def factor(x, w):
-    p, names = _patches(eqn, x, filter_shape), ["n"]
+    p, names = _patches(eqn, x, filter_shape), ["n", *fs, "i", *sp]
     if grouped:
+      p = _named_transpose(p, names, ["n", "i", *fs, *sp])
       p = _by_out_feature(p, groups, batch_groups, cout, cg)
-      names = ["n", "o"] if groups > 1 else ["o", "n"]
+      names = (["n", "o"] if groups > 1 else ["o", "n"]) + ["i", *fs, *sp]
     order = y_free + ["o"] * grouped + w_free
-    return _named_transpose(p, names + ["i", *fs, *sp], order).astype(dtype)
+    return _named_transpose(p, names, order).astype(dtype)
 
   structure = Structure(diagonal=pair) if grouped else Structure(trace=pair)
   return RuleResult(structure, factor, reads=(0,))
