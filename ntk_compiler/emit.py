@@ -373,18 +373,42 @@ def structured_ntk(plan1: Plan, plan2: Plan | None, params: list, x1: list,
   `plan2` is the plan at x2's signature (None: the same as `plan1`); x2 None means
   Θ(x1, x1), computed with each unordered pair of uses once.
   """
-  plan2 = plan1 if plan2 is None else plan2
-  with jax.named_scope("ntk/side1"):
-    side1 = side(plan1, params, x1, per_example)
   symmetric = x2 is None
-  if symmetric:
-    side2 = side1
+  merged = not symmetric and per_example and plan2 is None and _merge(params, x1, x2)
+  plan2 = plan1 if plan2 is None else plan2
+  if merged:
+    side1, side2 = _merged_sides(plan1, params, x1, x2)
   else:
-    with jax.named_scope("ntk/side2"):
-      side2 = side(plan2, params, x2, per_example)
+    with jax.named_scope("ntk/side1"):
+      side1 = side(plan1, params, x1, per_example)
+    if symmetric:
+      side2 = side1
+    else:
+      with jax.named_scope("ntk/side2"):
+        side2 = side(plan2, params, x2, per_example)
   with jax.named_scope("ntk/contract"):
     return contract_kernels(plan1, plan2, side1, side2, symmetric, layouts, shapes1,
                             shapes2, per_example, materialize)
+
+
+# With weights this large (beyond the caches), x1 and x2 go through f as one batch: each
+# weight is streamed from memory once per pass, not once per side (an MLP of width 2048:
+# 12-15% faster). Smaller models keep two sides, which run side by side on two cores.
+MERGE_SIDES_FROM_BYTES = 8 * 2**20
+
+
+def _merge(params: list, x1: list, x2: list) -> bool:
+  weights = sum(math.prod(jnp.shape(p)) * jnp.result_type(p).itemsize for p in params)
+  return weights >= MERGE_SIDES_FROM_BYTES and all(
+      a.dtype == b.dtype and a.shape[1:] == b.shape[1:] for a, b in zip(x1, x2))
+
+
+def _merged_sides(plan: Plan, params: list, x1: list, x2: list) -> tuple[Side, Side]:
+  """Both sides of a per-example f from one pass over x1 and x2 stacked."""
+  n1, n2 = x1[0].shape[0], x2[0].shape[0]
+  with jax.named_scope("ntk/sides"):
+    both = side(plan, params, [jnp.concatenate([a, b]) for a, b in zip(x1, x2)], True)
+  return _slice_side(plan, both, 0, n1), _slice_side(plan, both, n1, n1 + n2)
 
 
 # Θ(x1, x1) of at least this many examples is contracted in two halves (three blocks

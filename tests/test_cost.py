@@ -138,6 +138,23 @@ def test_a_view_stops_before_a_weight_once_it_carries_a_per_example_factor():
                  1e-10)
 
 
+@pytest.mark.parametrize("threshold", [0, 2**40])
+def test_large_weights_take_x1_and_x2_through_f_as_one_batch(monkeypatch, threshold):
+  """Past emit.MERGE_SIDES_FROM_BYTES of weights, one pass over x1 and x2 stacked gives
+  both sides (the program has one "sides" scope, not "side1"/"side2"); exact either way,
+  with batches of different sizes."""
+  from ntk_compiler import emit
+  monkeypatch.setattr(emit, "MERGE_SIDES_FROM_BYTES", threshold)
+  params = {"w0": _normal((6, 16), 0) / 3, "w1": _normal((16, 3), 1) / 4}
+  x1, x2 = _normal((5, 6), 2), _normal((4, 6), 3)
+  ntk_fn = nc.compile_ntk(_mlp, method="structured", trace_axes=())
+  text = ntk_fn.lower(params, x1, x2).as_text(debug_info=True)
+  assert ("ntk/sides" in text) == (threshold == 0)
+  assert ("ntk/side2" in text) == (threshold != 0)
+  assert_matches(ntk_fn(params, x1, x2), oracle_ntk(_mlp, params, x1, x2, trace_axes=()),
+                 1e-10)
+
+
 @full
 def test_an_attention_block_cuts_each_shared_value_once():
   """Layer-norm parameters and the residual stream fan out to q, k, v and the skip:
