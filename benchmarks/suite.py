@@ -473,7 +473,7 @@ def print_summary(rows, first_calls, anchors, quick=False) -> list[str]:
   head += ["goal x"]
   if rows:
     print("\nSpeed-ups (x) over the jacrev baseline, medians from one run (auto / "
-          "fastest: best rounds):\n")
+          "fastest: best rounds; [= m]: auto lowered to m's very program):\n")
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
   failures = []
@@ -484,8 +484,9 @@ def print_summary(rows, first_calls, anchors, quick=False) -> list[str]:
     cells = [row["model"], row["kernel"], _fmt_ms(_median(row, "jacrev")),
              _fmt_ms(_median(row, "auto")), s.get("auto_chose") or "-",
              *(_fmt_x(x.get(m)) for m in (*OURS, "vp-base")),
-             "-" if fastest is None else f"{fastest:.2f} ({s['fastest_ours']}"
-             + (", same program" if s.get("auto_same_program_as") else "") + ")",
+             "-" if fastest is None else f"{fastest:.2f} ({s['fastest_ours']})"
+             + (f" [= {s['auto_same_program_as']}]" if s.get("auto_same_program_as")
+                else ""),
              "-" if "first_call_ratio" not in s else f"{s['first_call_ratio']:.2f}"]
     key = (row["model"], row["kernel"])
     if anchors is not None:
