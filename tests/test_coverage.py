@@ -524,8 +524,10 @@ def test_two_axis_lookup():
 
 @full
 def test_take_along_axis_2d():
-  """No dense fallback. Not proven per-example: JAX gathers differently at batch size
-  1 (a size-1 index axis is broadcast, not batched), so the two programs differ."""
+  """No dense fallback. Not proven per-example: at batch size 1 JAX's reshape of the
+  indices drops the batch axis while it adds the index vector axis ((1, 5, 2) -> (5, 2,
+  1)), a form the batch analysis does not read back into the one at N (it reads a
+  reshape that only drops the axis: test_size_one_gather_in_batching_form)."""
   params = {k: TABLES[k] for k in ("t2", "v2")}
   check(along_axis, params, rand(4, 3, 3, seed=4), per_example=False, no_fallback=True)
 
