@@ -6,7 +6,10 @@ A rule is called for one operand of one equation that a parameter flows into:
 
 and returns the `Structure` of ∂y/∂(that operand) with a function computing the compact
 factor, or None when it has nothing better than a dense Jacobian for this case (the
-engine then takes the cotangent at the operand itself: exact, just slower).
+engine then takes the cotangent at the operand itself: exact, just slower), or a
+`CutBefore` when the cotangent at the operand is all there is, with no loss and not a
+fallback: NONLINEAR_OPERAND (div's denominator), NOT_COMPLEX_LINEAR (`real`, `imag`,
+`irfft` of a complex operand: a view's factors compose complex-linear maps).
 
 The rule modules (one per primitive family) register the built-in rules on import.
 Users add their own with `register_rule` (undone by `unregister_rule`; `rules_overlay`
