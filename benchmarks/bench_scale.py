@@ -44,6 +44,14 @@ def _rss_mb() -> float:
     return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _cpu_s() -> float:
+  """CPU seconds of this process (user + system, all threads): less moved by other
+  jobs on the machine than wall time, though not immune (shared caches, spinning
+  threads)."""
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_utime + usage.ru_stime
+
+
 def _peak_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
@@ -88,11 +96,13 @@ def part_symmetric(n: int, memory: str) -> dict:
   for name, x2 in (("symmetric", None), ("copy", copy)):
     times = []
     for _ in range(2):  # the first call compiles
-      start = time.perf_counter()
+      start, cpu = time.perf_counter(), _cpu_s()
       kernels[name] = ntk(params, x, x2)
       times.append(time.perf_counter() - start)
     result[f"{name}_first_s"], result[f"{name}_warm_s"] = times
+    result[f"{name}_warm_cpu_s"] = _cpu_s() - cpu
   result["ratio_warm"] = result["symmetric_warm_s"] / result["copy_warm_s"]
+  result["ratio_warm_cpu"] = result["symmetric_warm_cpu_s"] / result["copy_warm_cpu_s"]
   result["ratio_first"] = result["symmetric_first_s"] / result["copy_first_s"]
   result["max_abs_diff"] = float(np.abs(kernels["symmetric"] - kernels["copy"]).max())
   result["peak_rss_mb"], result["peak_growth_mb"] = _peak_mb(), _peak_mb() - base
@@ -173,9 +183,10 @@ def part_reuse(n: int, memory: str) -> dict:
           try:
             ntk(params, x, second)  # compiles
             made.clear()
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), _cpu_s()
             kernels[how] = ntk(params, x, second)
             result[f"{name}_{how}_s"] = time.perf_counter() - start
+            result[f"{name}_{how}_cpu_s"] = _cpu_s() - cpu
           finally:
             scale._blocks = original
           if how == "reuse":
@@ -184,6 +195,8 @@ def part_reuse(n: int, memory: str) -> dict:
                                    / result[f"{name}_recompute_s"])
         result[f"{name}_max_abs_diff"] = float(
             np.abs(kernels["reuse"] - kernels["recompute"]).max())
+        print(json.dumps({k: v for k, v in result.items() if k.startswith(name)}),
+              file=sys.stderr, flush=True)  # as it goes: a long run shows progress
   return result
 
 

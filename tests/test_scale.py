@@ -164,6 +164,7 @@ REUSE = [("jacobian", True, None, 3), ("jacobian", False, None, 6),
 def test_tiles_compute_each_block_once(monkeypatch, method, symmetric, memory,
                                        computed):
   made = _recording_blocks(monkeypatch)
+  monkeypatch.setattr(scale, "REUSE_MIN_SIDE_SHARE", 0.0)  # kept however cheap
   model = models.mlp()
   params, x1, x2 = _draw(model)
   x2 = None if symmetric else x2
@@ -175,6 +176,24 @@ def test_tiles_compute_each_block_once(monkeypatch, method, symmetric, memory,
   assert_matches(kernel, _oracle(model, x2), RTOL)
   (blocks,) = made
   assert blocks.evaluations == computed
+
+
+@full
+def test_sides_kept_only_where_they_cost(monkeypatch):
+  """jacobian keeps the sides of a conv net (per-example conv weight gradients cost
+  far more than the contraction) but not of a wide MLP's large blocks (the
+  contraction is nearly all of a tile: a second program would only add)."""
+  made = _recording_blocks(monkeypatch)
+  cnn = models.cnn()
+  params, x1, _ = _draw(cnn)
+  kernel = nc.compile_ntk(cnn.f, method="jacobian", block_size=2)(params, x1)
+  assert made[-1] is not None and made[-1].evaluations == 3
+  assert_matches(kernel, _oracle(cnn, None), RTOL)
+  wide = [jnp.ones((8, 256)) / 8, jnp.ones((256, 256)) / 16, jnp.ones((256, 4)) / 16]
+  f = lambda p, x: jnp.tanh(jnp.tanh(x @ p[0]) @ p[1]) @ p[2]
+  x = jnp.ones((64, 8))
+  nc.compile_ntk(f, method="jacobian", block_size=32)(wide, x)
+  assert made[-1] is None  # each tile in one program
 
 
 def test_budget_tiles_the_call():
