@@ -987,17 +987,61 @@ def _scan(eqn, ins, sub):
 
 @_register(("while",))
 def _while(eqn, ins, sub):
+  """A scalar condition must not depend on the batch (every example runs the same
+  number of steps). A condition with an array value is the while JAX's batching rule
+  makes of `jax.vmap` over a `lax.while_loop` whose condition is batched (`_batched_while`)."""
   p = eqn.params
   nc, nb = p["cond_nconsts"], p["body_nconsts"]
   init = ins[nc + nb:]
   shapes = [_shape(v) for v in eqn.invars[nc + nb:]]
-  carry, _ = _fixed_point(compat.open_jaxpr(p["body_jaxpr"]), ins[nc:nc + nb], init, [],
-                          shapes, sub)
-  pred, = sub(compat.open_jaxpr(p["cond_jaxpr"]), ins[:nc] + carry)
+  body, cond = compat.open_jaxpr(p["body_jaxpr"]), compat.open_jaxpr(p["cond_jaxpr"])
+  carry, _ = _fixed_point(body, ins[nc:nc + nb], init, [], shapes, sub)
+  pred, = sub(cond, ins[:nc] + carry)
   if pred.mixed is not None:
     raise _Mixes(f"has a loop condition where examples meet: {pred.mixed}")
-  if pred.axis is not None:
+  if pred.axis is None:
+    return carry
+  if not _shape(cond.outvars[0]):
     raise _Mixes("has a loop condition that depends on the batch")
+  return _batched_while(eqn, ins, carry, pred.axis, sub)
+
+
+def _batched_while(eqn, ins, carry: list, k: int, sub) -> list:
+  """A while whose condition gives an array, batched on axis k: the semantics of
+  `while_p` (its lowering) are then "loop while any entry is True; each step, keep
+  the carry where its entry of the condition is False". The condition's shape is a
+  prefix of every carry's shape, its entries broadcast along the rest.
+
+  With every carry batched on k and condition and body per-example (row i along k
+  computed from row i of the carries and from unbatched operands), example i's rows
+  follow their own loop: they step while its own condition holds, and once it is
+  False everywhere they stop changing (so does its condition), whatever the other
+  examples still do. Row i of the result is the per-example loop's result, what
+  the program at batch size 1 computes. Ordered effects are lowered without the
+  per-entry select, so a while with effects is not proven."""
+  p = eqn.params
+  nc, nb = p["cond_nconsts"], p["body_nconsts"]
+  if any(getattr(p[j], "effects", True) for j in ("cond_jaxpr", "body_jaxpr")):
+    raise _Mixes("has a loop condition that depends on the batch and side effects")
+  body, cond = compat.open_jaxpr(p["body_jaxpr"]), compat.open_jaxpr(p["cond_jaxpr"])
+  shapes = [_shape(v) for v in eqn.invars[nc + nb:]]
+  prefix = _shape(cond.outvars[0])
+  if not all(s[:len(prefix)] == prefix for s in shapes):
+    raise _Mixes("has a batched loop condition whose shape is not a prefix of its carry")
+  try:
+    stepped = [_join(c, State(k), s) for c, s in zip(carry, shapes)]
+  except _Mixes as e:
+    raise _Mixes(f"has a loop condition batched on axis {k} and a carry that is not: "
+                 f"{e}") from None
+  carry, _ = _fixed_point(body, ins[nc:nc + nb], stepped, [], shapes, sub)
+  bad = next((c for c in carry if c.mixed is None and c.axis != k), None)
+  if bad is not None:
+    raise _Mixes(f"has a loop condition batched on axis {k} and a carry that is not")
+  pred, = sub(cond, ins[:nc] + carry)
+  if pred.mixed is not None:
+    raise _Mixes(f"has a loop condition where examples meet: {pred.mixed}")
+  if pred.axis != k:
+    raise _Mixes(f"has a loop condition whose batch axis moves from {k}")
   return carry
 
 

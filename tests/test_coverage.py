@@ -12,6 +12,7 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
@@ -655,3 +656,139 @@ def test_custom_jvp_left_opaque():
                                 rand(4, 3, seed=1), per_example=False)
   assert custom_jvp.follow_linear_jvps(program.jaxpr, program.consts, 1,
                                        registry()) is not None
+
+
+# Adaptive loops vmapped over examples (an ODE solve with a step size that depends on
+# the state, as diffrax's adaptive solvers have): JAX's batching rule makes a while
+# whose condition gives one entry per example, each example stepping only while its
+# own entry holds. Reverse mode needs the loop inside a custom_vjp (here: the
+# backward pass replays the steps as a masked scan, a checkpointed loop).
+
+_MAX_STEPS = 24
+
+
+def _ode_step(w, t, y):
+  dt = jnp.minimum(0.1 + 0.05 * jnp.tanh(jnp.sum(y * y)), 1.0 - t)
+  return t + dt, y + dt * jnp.tanh(y @ w)
+
+
+def _ode_while(w, y0):
+  def body(c):
+    t, y, n = c
+    return (*_ode_step(w, t, y), n + 1)
+  return lax.while_loop(lambda c: c[0] < 1.0, body, (0.0, y0, 0))
+
+
+def _ode_replay(w, y0, n):
+  def body(c, k):
+    new = _ode_step(w, *c)
+    return jax.tree.map(lambda a, b: jnp.where(k < n, a, b), new, c), None
+  return lax.scan(body, (0.0, y0), jnp.arange(_MAX_STEPS))[0][1]
+
+
+@jax.custom_vjp
+def ode_solve(w, y0):
+  return _ode_while(w, y0)[1]
+
+
+def _ode_fwd(w, y0):
+  _, y, n = _ode_while(w, y0)
+  return y, (w, y0, n)
+
+
+def _ode_bwd(res, g):
+  w, y0, n = res
+  return jax.vjp(lambda w, y0: _ode_replay(w, y0, n), w, y0)[1](g)
+
+
+ode_solve.defvjp(_ode_fwd, _ode_bwd)
+
+
+def ode_model(p, x):
+  return jax.vmap(lambda xi: ode_solve(p["w"], xi) @ p["o"])(x)
+
+
+ODE = {"w": rand(3, 3) / 2, "o": rand(3, 2, seed=1)}
+
+
+def _ode_forward_only(p, x):
+  """The loop as written (not reverse-differentiable): the analysis alone."""
+  def body(c):
+    return _ode_step(p["w"], *c)
+  one = lambda xi: lax.while_loop(lambda c: c[0] < 1.0, body, (0.0, xi))[1] @ p["o"]
+  return jax.vmap(one)(x)
+
+
+def test_vmapped_adaptive_while_is_per_example():
+  d = decide(_ode_forward_only, ODE, rand(4, 3, seed=2))
+  assert d.independent, d.reason
+  d = decide(jax.vmap(_ode_forward_only, in_axes=(None, 0)), ODE,
+             rand(4, 2, 3, seed=2))  # nested vmaps: a condition of shape (N, 2)
+  assert d.independent, d.reason
+  d = decide(jax.vmap(_ode_forward_only, in_axes=(None, 1), out_axes=1), ODE,
+             rand(4, 2, 3, seed=2))  # a condition of shape (2, N): batched on axis 1
+  assert d.independent, d.reason
+
+
+def test_ode_solve_per_example():
+  e = check(jax.jit(ode_model), ODE, 2 * rand(3, 3, seed=2), rand(2, 3, seed=3),
+            method="jacobian")  # jit: the oracle runs compiled
+  assert "proven" in e.batch.reason
+
+
+@full
+@pytest.mark.parametrize("method", ["structured", "jacobian"])
+@pytest.mark.parametrize("with_x2", [False, True])
+def test_ode_solve_per_example_all(method, with_x2):
+  x2 = rand(3, 3, seed=3) if with_x2 else None
+  e = check(ode_model, ODE, 2 * rand(4, 3, seed=2), x2, method=method)
+  assert "proven" in e.batch.reason
+
+
+def _while_cases():
+  def body(w, c):
+    return _ode_step(w, *c)
+
+  def whole_batch_cond(p, x):  # one loop over the batch, until the batch's norm is big
+    cond = lambda c: jnp.sum(c[1] * c[1]) < 50.0
+    return lax.while_loop(cond, lambda c: (c[0] + 1.0, c[1] + jnp.tanh(c[1] @ p["w"])),
+                          (0.0, x))[1] @ p["o"]
+
+  def cond_reads_batch_sum(p, x):
+    one = lambda xi: lax.while_loop(lambda c: c[0] < jnp.tanh(jnp.sum(x)) + 1.0,
+                                    lambda c: body(p["w"], c), (0.0, xi))[1]
+    return jax.vmap(one)(x) @ p["o"]
+
+  def body_mixes(p, x):  # each step adds the mean over examples
+    def step(c):
+      t, y = body(p["w"], c)
+      return t, y + lax.pmean(y, "b")
+    one = lambda xi: lax.while_loop(lambda c: c[0] < 1.0, step, (0.0, xi))[1]
+    return jax.vmap(one, axis_name="b")(x) @ p["o"]
+
+  def body_reads_batch_mean(p, x):
+    def step(c):
+      t, y = body(p["w"], c)
+      return t, y + 0.1 * jnp.mean(x, 0)
+    one = lambda xi: lax.while_loop(lambda c: c[0] < 1.0, step, (0.0, xi))[1]
+    return jax.vmap(one)(x) @ p["o"]
+
+  def cond_reads_other_example(p, x):
+    def cond(c):
+      first = lax.all_gather(c[1], "b")[0]  # example 0's state
+      return c[0] < 1.0 + 0.5 * jnp.tanh(jnp.sum(first))
+    one = lambda xi: lax.while_loop(cond, lambda c: body(p["w"], c), (0.0, xi))[1]
+    return jax.vmap(one, axis_name="b")(x) @ p["o"]
+
+  return {"whole_batch_cond": whole_batch_cond,
+          "cond_reads_batch_sum": cond_reads_batch_sum, "body_mixes": body_mixes,
+          "body_reads_batch_mean": body_reads_batch_mean,
+          "cond_reads_other_example": cond_reads_other_example}
+
+
+@pytest.mark.parametrize("name", sorted(_while_cases()))
+def test_batched_while_that_mixes(name):
+  f = _while_cases()[name]
+  d = decide(f, ODE, rand(4, 3, seed=2))
+  assert not d.independent, d.reason
+  assert "while" in d.reason, d.reason
