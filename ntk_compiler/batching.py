@@ -989,7 +989,8 @@ def _scan(eqn, ins, sub):
 def _while(eqn, ins, sub):
   """A scalar condition must not depend on the batch (every example runs the same
   number of steps). A condition with an array value is the while JAX's batching rule
-  makes of `jax.vmap` over a `lax.while_loop` whose condition is batched (`_batched_while`)."""
+  makes of `jax.vmap` over a `lax.while_loop` whose condition is batched
+  (`_batched_while`)."""
   p = eqn.params
   nc, nb = p["cond_nconsts"], p["body_nconsts"]
   init = ins[nc + nb:]
