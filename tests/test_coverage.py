@@ -792,3 +792,29 @@ def test_batched_while_that_mixes(name):
   d = decide(f, ODE, rand(4, 3, seed=2))
   assert not d.independent, d.reason
   assert "while" in d.reason, d.reason
+
+
+@full
+def test_flax_vmapped_while_is_per_example():
+  """Flax's lifted `nn.while_loop` in a module `nn.vmap`ped over the examples."""
+  nn = pytest.importorskip("flax.linen")
+
+  class Solver(nn.Module):
+    @nn.compact
+    def __call__(self, y):  # one example
+      dense = nn.Dense(y.shape[-1], use_bias=False, param_dtype=jnp.float64)
+      dense(y)  # its params, created outside the loop
+
+      def body(mdl, c):
+        t, y = c
+        dt = jnp.minimum(0.1 + 0.05 * jnp.tanh(jnp.sum(y * y)), 1.0 - t)
+        return t + dt, y + dt * jnp.tanh(dense(y))
+      _, y = nn.while_loop(lambda mdl, c: c[0] < 1.0, body, self, (0.0, y),
+                           broadcast_variables="params")
+      return nn.Dense(2, param_dtype=jnp.float64)(y)
+
+  model = nn.vmap(Solver, variable_axes={"params": None}, split_rngs={"params": False})()
+  x = rand(4, 3, seed=2)
+  variables = model.init(jax.random.PRNGKey(0), x)
+  d = decide(model.apply, variables, x)
+  assert d.independent, d.reason
