@@ -356,7 +356,7 @@ class _Builder:
     batched = any(op_dep[j] for j in result.reads) or self.per_example_depth > 0
     if batched and view.per_example_factors > (1 if second else 0):
       return None, "it would add a second per-example factor"
-    if (WEIGHT_CUTS and not batched and view.per_example_factors
+    if (not batched and view.per_example_factors
         and eqn.primitive in _WEIGHT_CONTRACTIONS
         and math.prod(eqn.invars[operand].aval.shape) <= math.prod(y_shape)):
       # A weight's factor after a per-example one would be applied to the per-example
@@ -413,7 +413,6 @@ class _Builder:
 
 # Views stop before a contraction with a weight (a factor that is the same for every
 # example) once they carry a per-example factor, where the cotangent is no larger.
-WEIGHT_CUTS = True
 _WEIGHT_CONTRACTIONS = (lax.dot_general_p, lax.conv_general_dilated_p)
 
 _CUSTOM = compat.custom_derivative_primitives()
