@@ -50,9 +50,9 @@ row, and the per-example path is exact at N. The decision is for this N (and 1) 
 Not compared, and trusted: custom derivative rules (the functions in custom_jvp /
 custom_vjp params) are taken to be as batch independent as the primal body they wrap.
 A gather that JAX specialises for a size-1 batch (`jnp.take_along_axis` at N = 1: the
-index's batch axis reshaped out, the operand's gathered as a window of size 1) is
-compared and analysed in the batching form it has at N (`_canonical_trace`), which
-computes the same array. Not proven although per-example: other programs that JAX
+index's batch axis reshaped out, with the index vector axis appended for an index of
+rank 2 or more, the operand's gathered as a window of size 1) is compared and analysed
+in the batching form it has at N (`_canonical_trace`), which computes the same array. Not proven although per-example: other programs that JAX
 specialises for a size-1 axis take the whole-batch path.
 """
 
@@ -784,7 +784,7 @@ def _scatter(eqn, ins, sub):
   (op, idx, upd), dn = ins, eqn.params["dimension_numbers"]
   os_, is_, us = (_shape(x) for x in eqn.invars)
   if all(s.axis is None for s in ins):
-    return _plain(eqn)
+    return [State(const=_scatter_const(eqn, ins))]
   scatter_pos = [j for j in range(len(us)) if j not in dn.update_window_dims]
   if idx.axis is not None:  # only per-example scatters on paired batching dims
     kb = idx.axis
@@ -814,6 +814,23 @@ def _scatter(eqn, ins, sub):
   return [State(k)]
 
 
+def _scatter_const(eqn, ins) -> frozenset:
+  """The axes an unbatched scatter's result is constant along: operand axes that no
+  index moves along (each window starts at 0 there) and that windows span whole,
+  where operand and updates are both constant (a stage buffer `jnp.zeros((N, S, D))`
+  filled one stage at a time with values constant along the batch axis)."""
+  (op, _, upd), dn = ins, eqn.params["dimension_numbers"]
+  os_, us = _shape(eqn.invars[0]), _shape(eqn.invars[2])
+  window = [a for a in range(len(os_))
+            if a not in dn.inserted_window_dims and a not in dn.operand_batching_dims]
+  const = set()
+  for a, u in zip(window, dn.update_window_dims):
+    if (a not in dn.scatter_dims_to_operand_dims and us[u] == os_[a]
+        and _const_on(op, os_, a) and _const_on(upd, us, u)):
+      const.add(a)
+  return frozenset(const)
+
+
 # Primitives without a rule here: the fact JAX's own batching rule proves.
 
 def _derived(eqn, ins, sub):
@@ -840,6 +857,15 @@ def _derived(eqn, ins, sub):
   for k in candidates:
     if all(k < d for d in out_ndim) and _vmap_reproduces(eqn, in_axes, k):
       return [State(k)] * len(eqn.outvars)
+  # An unbatched operand constant along the batch axis is a batched one whose rows are
+  # all equal (`x` of `select(p, y, x)` broadcast over the batch): vmap it too.
+  size = _shape(eqn.invars[in_axes.index(first)])[first]
+  joined = [first if a is None and len(_shape(v)) > first and _shape(v)[first] == size
+            and _const_on(s, _shape(v), first) else a
+            for a, s, v in zip(in_axes, ins, eqn.invars)]
+  if joined != in_axes and all(first < d for d in out_ndim) and _vmap_reproduces(
+      eqn, joined, first):
+    return [State(first)] * len(eqn.outvars)
   raise _Mixes("has no batch rule here, and JAX's batching rule for it does not "
                "reproduce the equation (it has none, or moves or rewrites the batch)")
 
@@ -869,7 +895,7 @@ def _vmap_reproduces(eqn, in_axes: list, out_axis: int) -> bool:
     return False
   if getattr(traced, "consts", None):
     return False
-  jaxpr = compat.open_jaxpr(traced)
+  jaxpr = _without_copies(compat.open_jaxpr(traced))
   while len(jaxpr.eqns) == 1 and (body := compat.call_body(jaxpr.eqns[0])) is not None:
     e = jaxpr.eqns[0]  # a wrapper (lax.fft is a jit): its body, operands passed through
     if (body[1] or list(e.invars) != list(jaxpr.invars)
@@ -887,6 +913,25 @@ def _vmap_reproduces(eqn, in_axes: list, out_axis: int) -> bool:
           and e.params.keys() == eqn.params.keys()
           and all(_same_param(k, e.params[k], eqn.params[k], -1, False)
                   for k in e.params))
+
+
+def _without_copies(jaxpr):
+  """`jaxpr` with its `copy` equations dropped, each read of a copy reading what it
+  copies (a batching rule that passes operands through `jnp.array`)."""
+  if not any(e.primitive is _COPY for e in jaxpr.eqns):
+    return jaxpr
+  alias: dict = {}
+  see = lambda a: a if isinstance(a, compat.Literal) else alias.get(a, a)
+  eqns = []
+  for e in jaxpr.eqns:
+    if e.primitive is _COPY and len(e.invars) == 1:
+      alias[e.outvars[0]] = see(e.invars[0])
+    else:
+      eqns.append(e.replace(invars=[see(a) for a in e.invars]))
+  return jaxpr.replace(eqns=eqns, outvars=[see(v) for v in jaxpr.outvars])
+
+
+_COPY = _prim("copy")
 
 
 def _same_aval(a, b) -> bool:
@@ -1366,8 +1411,9 @@ def _canonical(jaxpr):
       continue
     batched = _batching_gather(eqn, eqns[k])
     if batched is not None:
-      eqns[i] = batched
-      dropped.add(k)
+      eqns[i], eqns[k] = batched
+      if eqns[k] is None:
+        dropped.add(k)
       changed = True
   if not changed:
     return jaxpr
@@ -1375,19 +1421,35 @@ def _canonical(jaxpr):
 
 
 def _batching_gather(gather, reshape):
-  """The gather of `reshape`'s operand, with the size-1 index axis the reshape drops
-  paired (as batching dims) with the size-1 operand axis gathered as a window of size
-  1 at the same output position; None if the two equations are not of that form."""
+  """(gather, reshape) with the size-1 index axis that `reshape` drops paired (as
+  batching dims) with the size-1 operand axis gathered as a window of size 1 at the
+  same output position; None if the two equations are not of that form.
+
+  `reshape` either only drops that axis (the index vector axis is already there:
+  (1, 5, 1) -> (5, 1)), and the gather reads its operand instead (reshape None: not
+  needed), or drops it while it appends the index vector axis ((1, 5, 2) -> (5, 2, 1),
+  `jnp.take_along_axis` of a 2-D index), and becomes the reshape that only appends it
+  ((1, 5, 2) -> (1, 5, 2, 1)). Size-1 axes do not change the row-major order, so the
+  index array holds the same entries in either shape."""
   a, b = reshape.invars[0], reshape.outvars[0]
   a_shape, b_shape = _shape(a), _shape(b)
-  if reshape.params.get("dimensions") is not None or len(a_shape) != len(b_shape) + 1:
+  if reshape.params.get("dimensions") is not None:
+    return None
+  if len(a_shape) == len(b_shape) + 1:
+    i_shape, indices, new_reshape = a_shape, a, None
+  elif len(a_shape) == len(b_shape) and b_shape and b_shape[-1] == 1:
+    i_shape = a_shape + (1,)
+    indices = compat.Var(b.aval.update(shape=i_shape))
+    new_reshape = reshape.replace(
+        outvars=[indices], params={**reshape.params, "new_sizes": i_shape})
+  else:
     return None
   dn, sizes = gather.params["dimension_numbers"], gather.params["slice_sizes"]
   o_shape, out_rank = _shape(gather.invars[0]), len(_shape(gather.outvars[0]))
   window = [d for d in range(len(o_shape))
             if d not in dn.collapsed_slice_dims and d not in dn.operand_batching_dims]
-  for j in range(len(a_shape) - 1):  # the last axis is the index vector
-    if a_shape[j] != 1 or a_shape[:j] + a_shape[j + 1:] != b_shape:
+  for j in range(len(i_shape) - 1):  # the last axis is the index vector
+    if i_shape[j] != 1 or i_shape[:j] + i_shape[j + 1:] != b_shape:
       continue
     for p, od in zip(dn.offset_dims, window):
       if o_shape[od] != 1 or sizes[od] != 1 or od in dn.start_index_map:
@@ -1400,8 +1462,9 @@ def _batching_gather(gather, reshape):
       new = dn._replace(offset_dims=offsets,
                         operand_batching_dims=tuple(x for x, _ in pairs),
                         start_indices_batching_dims=tuple(y for _, y in pairs))
-      return gather.replace(invars=[gather.invars[0], a] + list(gather.invars[2:]),
-                            params={**gather.params, "dimension_numbers": new})
+      return (gather.replace(invars=[gather.invars[0], indices] + list(gather.invars[2:]),
+                             params={**gather.params, "dimension_numbers": new}),
+              new_reshape)
   return None
 
 

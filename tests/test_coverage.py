@@ -525,12 +525,14 @@ def test_two_axis_lookup():
 
 @full
 def test_take_along_axis_2d():
-  """No dense fallback. Not proven per-example: at batch size 1 JAX's reshape of the
-  indices drops the batch axis while it adds the index vector axis ((1, 5, 2) -> (5, 2,
-  1)), a form the batch analysis does not read back into the one at N (it reads a
-  reshape that only drops the axis: test_size_one_gather_in_batching_form)."""
+  """No dense fallback, and per-example: at batch size 1 JAX's reshape of the indices
+  drops the batch axis while it adds the index vector axis ((1, 5, 2) -> (5, 2, 1)),
+  which the batch analysis reads back into the batching form the gather has at N
+  (test_batching_gathers.py)."""
   params = {k: TABLES[k] for k in ("t2", "v2")}
-  check(along_axis, params, rand(4, 3, 3, seed=4), per_example=False, no_fallback=True)
+  e = check(along_axis, params, rand(4, 3, 3, seed=4), rand(2, 3, 3, seed=5),
+            no_fallback=True)
+  assert "proven" in e.batch.reason, e.batch.reason
 
 
 @pytest.mark.parametrize("mode", [None, "clip", "fill"])

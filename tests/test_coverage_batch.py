@@ -1,0 +1,173 @@
+"""Batch facts of issue 12, round three: take_along_axis in 2-D (the size-1 gather JAX
+emits at batch size 1), constants through scatters, batching rules that copy operands,
+and custom_jvp calls inside loop and branch bodies."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+from jax.extend.core import Primitive
+from jax.interpreters import batching as jax_batching
+from jax.interpreters import mlir
+
+import ntk_compiler as nc
+from ntk_compiler import batching, compat, trace
+from oracle import assert_matches, oracle_ntk
+from tiers import full
+
+RTOL = 1e-10
+
+
+def rand(*shape, seed=0):
+  return jnp.asarray(np.random.default_rng(seed).normal(size=shape))
+
+
+def decide(f, params, x):
+  """batching.infer on f at x's batch size (and at 1), as compile_ntk runs it."""
+  def trace_at(n):
+    shaped = jax.ShapeDtypeStruct((n,) + x.shape[1:], x.dtype)
+    return trace.trace_program(f, params, shaped, per_example=False)
+  return batching.infer(trace_at, len(jax.tree.leaves(params)), x.shape[0])
+
+
+def check(f, params, x1, x2=None, per_example=True, method="structured"):
+  """The kernel against the oracle, explain()'s batch decision, and no dense fallback."""
+  ntk_fn = nc.compile_ntk(f, method=method)
+  e = ntk_fn.explain(params, x1)
+  assert e.batch_independent == per_example, e.batch.reason
+  if method == "structured":
+    for leaf in e.leaves:
+      assert not any(u.fallback or u.dense for u in leaf.uses), (leaf.path, leaf.uses)
+  assert_matches(ntk_fn(params, x1, x2), oracle_ntk(f, params, x1, x2), RTOL)
+  return e
+
+
+# take_along_axis with an index of rank 2 or more. At batch size 1 JAX gathers the
+# size-1 batch axis as a window and reshapes the indices (1, T, K) -> (T, K, 1),
+# dropping the batch axis while it appends the index vector axis; the analysis reads
+# that back into the batching gather the program at N has.
+
+def _sorted_rows(p, x):
+  h = x @ p
+  return jnp.take_along_axis(h, jnp.argsort(h, 1), 1)
+
+
+def _sorted_tokens(p, x):  # (N, T, D), sorted along the features of each token
+  h = x @ p
+  return jnp.take_along_axis(h, jnp.argsort(h, 2), 2)
+
+
+def _top2(p, x):
+  h = jnp.tanh(x @ p)
+  return jnp.take_along_axis(h, lax.top_k(x, 2)[1], 1)
+
+
+def _table_rows(p, x):  # a parameter table, each example's own index rows
+  ids = (jnp.abs(x[..., 1]) * 5).astype(jnp.int32) % 6
+  t = jnp.broadcast_to(p, (x.shape[0],) + p.shape)
+  return jnp.take_along_axis(t, ids[:, None, :2].repeat(5, 1), axis=2).reshape(
+      x.shape[0], -1)
+
+
+ALONG = {
+    "sorted_rows": (_sorted_rows, rand(3, 3), rand(4, 3, seed=1)),
+    "sorted_tokens": (_sorted_tokens, rand(3, 3), rand(4, 5, 3, seed=1)),
+    "top2": (_top2, rand(3, 3), rand(4, 3, seed=1)),
+    "table_rows": (_table_rows, rand(5, 6), rand(4, 3, 3, seed=1)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ALONG))
+def test_take_along_axis_is_per_example(name):
+  f, p, x = ALONG[name]
+  d = decide(f, p, x)
+  assert d.independent, d.reason
+  assert "same program at batch sizes 4 and 1" in d.reason
+
+
+def test_take_along_axis_mixing_stays_whole_batch():
+  """Sorting along the batch axis, or by an order shared by the batch, mixes."""
+  along_batch = lambda p, x: jnp.take_along_axis(x @ p, jnp.argsort(x @ p, 0), 0)
+  by_batch_order = lambda p, x: jnp.take_along_axis(
+      x @ p, jnp.broadcast_to(jnp.argsort((x @ p).sum(0)), x.shape), 1)
+  for f in (along_batch, by_batch_order):
+    d = decide(f, rand(3, 3), rand(4, 3, seed=1))
+    assert not d.independent, d.reason
+
+
+def test_two_d_size_one_gather_in_batching_form():
+  """The rewritten program at batch size 1 computes the same array, with the index
+  reshape kept (now appending the index vector axis only) and the gather batching."""
+  f = lambda x: jnp.take_along_axis(x, jnp.argsort(x, 1), 1)
+  x = rand(1, 5)
+  closed = jax.make_jaxpr(f)(x)
+  canonical = batching._canonical_trace(closed)
+  assert canonical is not closed
+  body = lambda j: compat.open_jaxpr(j.eqns[-1].params["jaxpr"])
+  gather, = [e for e in body(canonical.jaxpr).eqns if e.primitive is lax.gather_p]
+  dn = gather.params["dimension_numbers"]
+  assert dn.offset_dims == () and dn.operand_batching_dims == (0,)
+  reshapes = lambda j: [e for e in body(j).eqns if e.primitive is lax.reshape_p]
+  assert [tuple(e.outvars[0].aval.shape) for e in reshapes(canonical.jaxpr)] == [(1, 5, 1)]
+  assert [tuple(e.outvars[0].aval.shape) for e in reshapes(closed.jaxpr)] == [(5, 1)]
+  out = jax.core.eval_jaxpr(canonical.jaxpr, canonical.consts, x)
+  np.testing.assert_array_equal(out[0], f(x))
+
+
+@full
+@pytest.mark.parametrize("name", ["sorted_rows", "table_rows"])
+def test_take_along_axis_against_the_oracle(name):
+  f, p, x = ALONG[name]
+  g = lambda p, x: jnp.tanh(f(p, x))
+  e = check(g, p, x, rand(2, *x.shape[1:], seed=2))
+  assert "proven" in e.batch.reason
+
+
+# An unbatched scatter keeps the axes its operand and updates are constant along (a
+# stage buffer of a Runge-Kutta step, filled one stage at a time).
+
+def test_scatter_keeps_constant_axes():
+  def f(p, x):
+    k = jnp.zeros((x.shape[0], 3, x.shape[1]))
+    k = k.at[:, 1].set(jnp.broadcast_to(jnp.tanh(p), x.shape))  # constant rows
+    return x + k.sum(1)
+  d = decide(f, rand(3), rand(4, 3, seed=1))
+  assert d.independent, d.reason
+
+  def g(p, x):  # rows that differ: a position-dependent constant
+    k = jnp.zeros((x.shape[0], 3, x.shape[1]))
+    k = k.at[:, 1].set(jnp.arange(x.shape[0] * 3.0).reshape(x.shape) * p)
+    return x + k.sum(1)
+  d = decide(g, rand(3), rand(4, 3, seed=1))
+  assert not d.independent, d.reason
+
+
+# A primitive whose batching rule passes its operands through `jnp.array` (copies), and
+# takes an unbatched operand broadcast over the batch (as Equinox's select_if_vmap).
+
+pick_p = Primitive("test_pick_first")
+pick_p.def_impl(lambda a, b: a)
+pick_p.def_abstract_eval(lambda a, b: a)
+mlir.register_lowering(pick_p, mlir.lower_fun(lambda a, b: a, multiple_results=False))
+
+
+def _pick_batch(args, dims):
+  (a, b), (da, db) = args, dims
+  size = a.shape[da] if da is not None else b.shape[db]
+  a = jnp.moveaxis(a, da, 0) if da is not None else jnp.broadcast_to(a, (size,) + a.shape)
+  b = jnp.moveaxis(b, db, 0) if db is not None else jnp.broadcast_to(b, (size,) + b.shape)
+  return pick_p.bind(jnp.array(a), jnp.array(b)), 0
+
+
+jax_batching.primitive_batchers[pick_p] = _pick_batch
+
+
+def test_batching_rule_with_copies_and_a_broadcast_operand():
+  f = lambda p, x: pick_p.bind(jnp.tanh(x * p), jnp.broadcast_to(p, x.shape))
+  d = decide(f, rand(3), rand(4, 3, seed=1))
+  assert d.independent, d.reason
+  g = lambda p, x: pick_p.bind(jnp.tanh(x * p[0]), p)  # rows of p that differ
+  d = decide(g, rand(4, 3), rand(4, 3, seed=1))
+  assert not d.independent, d.reason
+  assert "test_pick_first" in d.reason, d.reason
