@@ -384,6 +384,9 @@ class ScaleEstimate:
     kernel_bytes: bytes of the kernel(s) returned.
     budget: the memory budget per device (bytes).
     tiling: the `Tiling` the call would use.
+    reuse: for a split kernel, whether each block's side (cotangents, Jacobians) is
+      computed once and kept for the tiles that need them, or recomputed per tile,
+      and why ("" when there is nothing to keep).
   """
   method: str
   flops: float
@@ -393,6 +396,7 @@ class ScaleEstimate:
   kernel_bytes: int
   budget: int
   tiling: Tiling
+  reuse: str = ""
 
   @property
   def fits(self) -> bool:
@@ -411,7 +415,7 @@ class ScaleEstimate:
             f"~{_fmt(self.peak_bytes)} in one piece, budget {_fmt(self.budget)} per "
             f"device; {how} on {t.devices} device(s), ~{_fmt(self.peak_bytes_per_tile)}"
             f" and ~{self.flops_per_tile:.3g} FLOPs per tile; kernel "
-            f"{_fmt(self.kernel_bytes)}")
+            f"{_fmt(self.kernel_bytes)}" + (f"; {self.reuse}" if self.reuse else ""))
 
 
 def _block_shapes(x, b):
@@ -456,8 +460,9 @@ def estimate(ntk_fn, params, x1, x2=None, plan=None) -> ScaleEstimate:
     flops_tile = total
   kernel = sum(_size(o.layout.kernel_shape(o.shape1, o.shape2))
                * jnp.dtype(o.dtype).itemsize for o in plan.outputs)
+  why = reuse(ntk_fn, plan, tiling, run_mesh(ntk_fn, tiling))[1] if tiling.split else ""
   return ScaleEstimate(plan.method, total, flops_tile, whole, per_tile, kernel, budget,
-                       tiling)
+                       tiling, why)
 
 
 def _splits(plan) -> bool:
@@ -653,9 +658,9 @@ class _Blocks:
   columns_first = False  # ntk_vp: only x2's side is kept, so tiles go column by column
 
   def __init__(self, ntk_fn, plan, params, budget: int, tile_bytes: int,
-               extra: bool = False):
-    self.plan, self.problem = plan, plan.problem
-    self.params = jax.device_put(params)
+               extra: bool = False, mesh: Mesh | None = None):
+    self.plan, self.problem, self.mesh = plan, plan.problem, mesh
+    self.params = _place(params, mesh)
     self.precision = ntk_fn.precision
     self.cache: dict = {}
     self.budget, self.tile_bytes = budget, tile_bytes
@@ -680,18 +685,19 @@ class _Blocks:
   def side(self, which: int, start: int, x):
     fn = self._side_fn(which)
     if fn is None:
-      return jax.device_put(x)
+      return self._inputs(x)
     key = (which if self._kind_differs() else 0, self._source(which), start)
     if key in self.cache:
       self.cache[key] = self.cache.pop(key)  # most recently used last
       return self.cache[key]
     if self.capacity is None:
-      shapes = jax.eval_shape(fn, self.params, x)
-      nbytes = sum(_size(a.shape) * a.dtype.itemsize
-                   for a in jax.tree_util.tree_leaves(shapes))
+      nbytes = self.side_bytes(which, _rows(x))[1]
       room = int(max(0, self.budget - self.tile_bytes) // max(nbytes, 1))
       self.capacity = 2 + room if self.extra else max(2, room)
-    value = fn(self.params, jax.device_put(x))
+    if self.mesh is None:
+      value = fn(self.params, jax.device_put(x))
+    else:  # each device computes the side of its examples only
+      value = self._sharded_side(which)(self.params, self._inputs(x))
     self.evaluations += 1
     self.cache[key] = value
     while len(self.cache) > self.capacity:
@@ -701,6 +707,99 @@ class _Blocks:
   def _kind_differs(self) -> bool:
     """Whether x1's and x2's sides are different things (then keyed apart)."""
     return False
+
+  # --- several devices: sides sharded by examples, all-gathered in each tile ---
+
+  def _devices(self) -> int:
+    return 1 if self.mesh is None else self.mesh.devices.size
+
+  def _inputs(self, x):
+    """A block of inputs on the device, or split by examples over the mesh."""
+    if self.mesh is None:
+      return jax.device_put(x)
+    return _put(self.mesh, x, P(self.mesh.axis_names))
+
+  def _template(self, which: int):
+    return self.problem.x1 if self._source(which) == 1 else self.problem.second
+
+  def layout(self, which: int):
+    """(treedef, per leaf: split by examples?) of a block's side, or None when a leaf
+    neither grows with the examples along its first axis nor stays the same (then the
+    side cannot be sharded by examples). Found from the side's shapes at two block
+    sizes (nothing runs)."""
+    key = ("layout", which if self._kind_differs() else 0, self._source(which))
+    if key not in self._side:
+      fn = self._side_fn(which)
+      x = self._template(which)
+      if fn is None:
+        fn = lambda p, xb: (p, xb)
+      one, two = (jax.eval_shape(fn, self.params, _block_shapes(x, n)) for n in (1, 2))
+      leaves, tree = jax.tree_util.tree_flatten(one)
+      split = []
+      for a, b in zip(leaves, jax.tree_util.tree_leaves(two)):
+        if a.shape == b.shape:
+          split.append(False)
+        elif a.ndim and a.shape[1:] == b.shape[1:] and b.shape[0] == 2 * a.shape[0]:
+          split.append(True)
+        else:
+          self._side[key] = None
+          return None
+      self._side[key] = (tree, split)
+    return self._side[key]
+
+  def side_bytes(self, which: int, rows: int) -> tuple[int, int]:
+    """(bytes of a block's whole side, bytes each device keeps of it): the same on one
+    device; sharded, the split leaves divided among the devices."""
+    fn = self._side_fn(which)
+    shapes = jax.eval_shape(fn, self.params, _block_shapes(self._template(which), rows))
+    sizes = [_size(a.shape) * a.dtype.itemsize for a in jax.tree_util.tree_leaves(shapes)]
+    whole = sum(sizes)
+    if self.mesh is None:
+      return whole, whole
+    _, split = self.layout(which)
+    d = self._devices()
+    return whole, sum(-(-n // d) if s else n for n, s in zip(sizes, split))
+
+  def _specs(self, which: int):
+    tree, split = self.layout(which)
+    axis = self.mesh.axis_names
+    return tree.unflatten([P(axis) if s else P() for s in split])
+
+  def _sharded_side(self, which: int):
+    key = ("sharded", which if self._kind_differs() else 0, self._source(which))
+    if key not in self._side:
+      self._side[key] = jax.jit(jax.shard_map(
+          self._side_fn(which), mesh=self.mesh,
+          in_specs=(P(), P(self.mesh.axis_names)), out_specs=self._specs(which),
+          check_vma=False))
+    return self._side[key]
+
+  def _sharded_pair(self, b1: int, b2: int):
+    """The tile program on the mesh: x1's side split by examples (each device its
+    rows), x2's side all-gathered (`lax.all_gather`) so every device contracts its
+    rows with the whole block; the tile comes out split by rows."""
+    key = ("sharded", b1, b2)
+    if key not in self._pair:
+      axis = self.mesh.axis_names
+      _, split2 = self.layout(2)
+
+      def local(s1, s2):
+        leaves, tree = jax.tree_util.tree_flatten(s2)
+        s2 = tree.unflatten([jax.lax.all_gather(a, axis, tiled=True) if s else a
+                             for a, s in zip(leaves, split2)])
+        with _precision(self.precision):
+          kernels = self._contract(s1, s2, b1, b2, False)
+        return [kernel.astype(dtype) for kernel, dtype in zip(kernels, self.dtypes)]
+      self._pair[key] = jax.jit(jax.shard_map(
+          local, mesh=self.mesh, in_specs=(self._specs(1), self._specs(2)),
+          out_specs=P(axis), check_vma=False))
+    return self._pair[key]
+
+  def _pad(self, x):
+    """x2's block padded (its last example repeated) to a multiple of the devices."""
+    rows = _rows(x)
+    size = _round_up(rows, self._devices())
+    return x if size == rows else _block(x, 0, rows, size)
 
   def side_share(self, b1: int, b2: int) -> float:
     """FLOPs of one x2 block's side over those of a tile's contraction, from XLA's
@@ -741,9 +840,21 @@ class _Blocks:
     return ordered
 
   def tile(self, xa, xb, symmetric: bool, i: int, j: int):
+    if self.mesh is not None:
+      xb = self._pad(xb)
     s1 = self.side(1, i, xa)
     s2 = s1 if symmetric else self.side(2, j, xb)
+    if self.mesh is not None:  # a diagonal tile too: x1's rows against the whole block
+      return self._sharded_pair(_rows(xa) // self._devices(), _rows(xb))(s1, s2)
     return self._pair_fn(symmetric)(s1, s2, _rows(xa), _rows(xb))
+
+
+def _place(params, mesh):
+  """The parameters on the device, or replicated over the mesh (abstract ones, for
+  decisions that run nothing, as they are)."""
+  if any(isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree_util.tree_leaves(params)):
+    return params
+  return jax.device_put(params) if mesh is None else _put(mesh, params, P())
 
 
 def _flops(lowered) -> float:
@@ -759,9 +870,11 @@ def _rows(x) -> int:
 class _Sides(_Blocks):
   """The structured method's sides: each block's cotangents and factors (`emit.Side`)."""
 
-  def __init__(self, ntk_fn, plan, params, budget: int, tile_bytes: int):
+  def __init__(self, ntk_fn, plan, params, budget: int, tile_bytes: int, mesh=None):
+    # Sharded, the tile's estimate holds its two sides (as for jacobian / ntk_vp);
+    # on one device choose_tiling leaves half the budget to the kept sides.
     super().__init__(ntk_fn, plan, jax.tree_util.tree_leaves(params), budget,
-                     tile_bytes)
+                     tile_bytes, extra=mesh is not None, mesh=mesh)
     from ntk_compiler import emit
     self.emit = emit
     self.engine1, self.engine2 = plan.engine, plan.engine2 or plan.engine
@@ -789,8 +902,8 @@ class _Sides(_Blocks):
 class _Jacobians(_Blocks):
   """The jacobian method's sides: each block's per-example Jacobians."""
 
-  def __init__(self, ntk_fn, plan, params, budget: int, tile_bytes: int):
-    super().__init__(ntk_fn, plan, params, budget, tile_bytes, extra=True)
+  def __init__(self, ntk_fn, plan, params, budget: int, tile_bytes: int, mesh=None):
+    super().__init__(ntk_fn, plan, params, budget, tile_bytes, extra=True, mesh=mesh)
 
   def _side_fn(self, which: int):
     if "jac" not in self._side:
@@ -817,8 +930,8 @@ class _Cotangents(_Blocks):
 
   columns_first = True
 
-  def __init__(self, ntk_fn, plan, params, budget: int, tile_bytes: int):
-    super().__init__(ntk_fn, plan, params, budget, tile_bytes, extra=True)
+  def __init__(self, ntk_fn, plan, params, budget: int, tile_bytes: int, mesh=None):
+    super().__init__(ntk_fn, plan, params, budget, tile_bytes, extra=True, mesh=mesh)
 
   def _kind_differs(self) -> bool:
     return True
@@ -840,6 +953,10 @@ class _Cotangents(_Blocks):
     return self._side["cts"]
 
   def tile(self, xa, xb, symmetric: bool, i: int, j: int):
+    if self.mesh is not None:
+      xb = self._pad(xb)
+      return self._sharded_pair(_rows(xa) // self._devices(), _rows(xb))(
+          (self.params, self._inputs(xa)), self.side(2, j, xb))
     s2 = self.side(2, j, xb)
     return self._pair_fn(False)((self.params, jax.device_put(xa)), s2, _rows(xa),
                                 _rows(xb))
@@ -918,20 +1035,65 @@ def compute(ntk_fn, params, x1, x2=None, out=None, plan=None, est=None) -> Any:
   for i, d in enumerate(dests):
     if i not in kept:
       d[...] = 0
-  if given is None and tiling.devices > 1 and tiling.mode != "trace" and (
-      _spans_processes(mesh_of(ntk_fn.devices))):
-    warnings.warn(
-        "devices= spans several processes and out= is not given: each process's result "
-        "holds only the rows its own devices computed (the others are zero). Pass "
-        "out= a memmap of one .npy on a shared filesystem, opened in every process "
-        "(docs/scale.md, 'Devices and hosts').", RuntimeWarning, stacklevel=3)
+  mesh = run_mesh(ntk_fn, tiling)
+  gather = (given is None and tiling.mode != "trace" and mesh is not None
+            and _spans_processes(mesh))
+  if gather:
+    _check_host_memory(est, mesh)
   if kept and tiling.tiles:
     _run_tiles(ntk_fn, params, x1, x2, plan, tiling, live,
                Progress(ntk_fn.progress, tiling.tiles))
     for dest in live:
       if isinstance(dest, np.memmap):
         _release(dest)
+    if gather:
+      _gather_processes(live)
   return given if given is not None else plan.out_tree.unflatten(dests)
+
+
+# Across processes, the kernels are gathered this many bytes (all processes' pieces
+# together) at a time.
+GATHER_BYTES = 64 * 2**20
+
+
+def host_budget() -> int:
+  """The host memory a kernel returned without out= may take: a share of the RAM."""
+  try:
+    ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  except (ValueError, OSError, AttributeError):
+    ram = 8 * 2**30
+  return int(ram * HOST_FRACTION)
+
+
+def _check_host_memory(est, mesh) -> None:
+  """A call spanning processes without out= returns the whole kernel on every
+  process: refused before any tile runs when it would not fit the host's share."""
+  processes = len({d.process_index for d in mesh.devices.flat})
+  need = est.kernel_bytes + min(est.kernel_bytes, GATHER_BYTES)
+  if need > host_budget():
+    raise MemoryError(
+        f"devices= spans {processes} processes and out= is not given, so every process "
+        f"would hold the whole kernel ({_fmt(est.kernel_bytes)}), over this host's "
+        f"share of memory ({_fmt(host_budget())}, HOST_FRACTION of the RAM). Pass out= "
+        "a memmap of one .npy on a filesystem every host sees, opened in every process "
+        "(docs/scale.md, 'Devices and hosts'): each process then writes its own rows.")
+
+
+def _gather_processes(dests) -> None:
+  """Every process's rows made whole on every process: each process wrote the rows
+  its devices computed (and their mirrors) and left the others zero, so the kernel
+  is the sum over processes of their arrays, gathered in chunks of rows with
+  `multihost_utils.process_allgather` (exact: each entry is written by one process)."""
+  from jax.experimental import multihost_utils
+  processes = jax.process_count()
+  for dest in dests:
+    if not dest.size:
+      continue
+    rows = dest.reshape(dest.shape[0], -1) if dest.ndim else dest.reshape(1, 1)
+    step = max(1, GATHER_BYTES // max(1, rows[0].nbytes * processes))
+    for r in range(0, rows.shape[0], step):
+      parts = multihost_utils.process_allgather(np.ascontiguousarray(rows[r:r + step]))
+      rows[r:r + step] = np.asarray(parts).sum(axis=0, dtype=dest.dtype)
 
 
 def _spans_processes(mesh: Mesh) -> bool:
@@ -949,8 +1111,7 @@ def _warn_whole(plan, est) -> None:
 
 def _run_tiles(ntk_fn, params, x1, x2, plan, tiling: Tiling, dests, reporter) -> None:
   mode, symmetric = tiling.mode, plan.problem.symmetric
-  explicit_mesh = isinstance(ntk_fn.devices, Mesh)
-  mesh = mesh_of(ntk_fn.devices) if tiling.devices > 1 or explicit_mesh else None
+  mesh = run_mesh(ntk_fn, tiling)
   if mode == "whole":
     runner = _Runner(ntk_fn, params, None, mode)
     kernels = runner.tile(x1, x2 if x2 is not None else x1, symmetric)
@@ -1008,32 +1169,110 @@ def _run_tiles(ntk_fn, params, x1, x2, plan, tiling: Tiling, dests, reporter) ->
     reporter.close()
 
 
-def _blocks(ntk_fn, plan, params, tiling: Tiling, mesh) -> _Blocks | None:
-  """The runner that keeps each block's side for the tiles that need it, on one
-  device: structured (every layout), jacobian and ntk_vp (a grid of tiles: with axis 0
-  diagonal or traced each block is in one tile only). None: each tile in one program
-  (`_Runner`)."""
-  if mesh is not None:
-    return None
-  kinds = {"structured": _Sides, "jacobian": _Jacobians, "ntk_vp": _Cotangents}
-  kind = kinds.get(plan.method)
-  if kind is None or (plan.method == "structured" and getattr(plan, "engine", None)
-                      is None) or (kind is not _Sides and tiling.mode != "pairs"):
-    return None
-  budget = ntk_fn.max_memory or default_budget(jax.local_devices()[:1])
-  tile_bytes = peak_bytes(plan.method, sizes(plan), tiling.block1, tiling.block2,
-                          diagonal=tiling.mode != "pairs")
-  blocks = kind(ntk_fn, plan, params, budget, tile_bytes)
-  if kind is _Sides:
-    return blocks
+_KINDS = {"structured": "_Sides", "jacobian": "_Jacobians", "ntk_vp": "_Cotangents"}
+_SIDE_NAMES = {"structured": "cotangents and factors", "jacobian": "per-example Jacobians",
+               "ntk_vp": "cotangents in parameter space (x2's)"}
+
+
+def run_mesh(ntk_fn, tiling: Tiling) -> Mesh | None:
+  """The mesh the tiles run on: None for one device (unless a Mesh was given)."""
+  if tiling.devices > 1 or isinstance(ntk_fn.devices, Mesh):
+    return mesh_of(ntk_fn.devices)
+  return None
+
+
+def _budget(ntk_fn, mesh) -> int:
+  return ntk_fn.max_memory or default_budget(
+      mesh.devices.flat if mesh is not None else jax.local_devices()[:1])
+
+
+def _tile_bytes(plan, tiling: Tiling, mesh) -> int:
+  local = tiling.block1 // (1 if mesh is None else mesh.devices.size)
+  diagonal = tiling.mode != "pairs"
+  return peak_bytes(plan.method, sizes(plan), local,
+                    local if diagonal else tiling.block2, diagonal=diagonal)
+
+
+def reuse(ntk_fn, plan, tiling: Tiling, mesh) -> tuple[type | None, str]:
+  """Whether the tiles keep each block's side (the `_Blocks` kind, or None: each tile
+  computes its own in one program), and a line saying so and why (estimate(),
+  explain()). Decided once per signature, from shapes and XLA's FLOP counts of the
+  lowered programs (nothing compiles or runs).
+
+  Kept on one device: structured (every layout), jacobian and ntk_vp (a grid of
+  tiles: with axis 0 diagonal or traced each block is in one tile only) where one
+  block's side costs at least REUSE_MIN_SIDE_SHARE of a tile's contraction. On a mesh
+  (a grid of tiles), each block's side is computed once split by examples over the
+  devices and all-gathered in each tile that needs it, when every leaf of a side
+  splits by examples and one block's whole side plus two blocks' shards fit the
+  budget per device; jacobian and ntk_vp also need the cost share, per device (the
+  side each device recomputes in a tile, x2's whole block, against its rows of the
+  contraction)."""
+  name = _KINDS.get(plan.method)
+  if name is None or tiling.mode == "whole" or (
+      plan.method == "structured" and getattr(plan, "engine", None) is None):
+    return None, ""
+  kind = globals()[name]
+  if tiling.mode != "pairs" and (kind is not _Sides or mesh is not None):
+    return None, ""  # each block is in one tile: nothing to keep
+  problem = plan.problem
   cache = ntk_fn.__dict__.setdefault("_scale_cache", {})
-  shapes = lambda t: tuple((tuple(a.shape), str(a.dtype))
+  shapes = lambda t: tuple((tuple(jnp.shape(a)), str(jnp.result_type(a)))
                            for a in jax.tree_util.tree_leaves(t))
-  key = ("reuse", plan.method, tiling, _signature(params),
-         shapes(plan.problem.x1), shapes(plan.problem.second))
+  mesh_key = None if mesh is None else (mesh.axis_names, mesh.devices.shape,
+                                        tuple(d.id for d in mesh.devices.flat))
+  key = ("reuse", plan.method, tiling, _signature(problem.params), shapes(problem.x1),
+         shapes(problem.second), mesh_key)
   if key not in cache:
-    cache[key] = blocks.side_share(tiling.block1, tiling.block2) >= REUSE_MIN_SIDE_SHARE
-  return blocks if cache[key] else None
+    cache[key] = _measure(ntk_fn, plan, kind, tiling, mesh)
+  facts = cache[key]
+  what = _SIDE_NAMES[plan.method]
+  recompute = f"each tile recomputes its blocks' {what}"
+  if facts.get("unsplit"):
+    return None, f"{recompute}: a side does not split by examples over the devices"
+  if facts.get("whole", 0) + 2 * facts.get("shard", 0) > facts["budget"]:
+    return None, (f"{recompute}: one block's, all-gathered ({_fmt(facts['whole'])}), "
+                  f"and two blocks' shards exceed the budget per device "
+                  f"({_fmt(facts['budget'])})")
+  share = facts.get("share")
+  if share is not None and share < REUSE_MIN_SIDE_SHARE:
+    return None, (f"{recompute}: one block's costs {share:.2g}x a tile's contraction"
+                  f"{' per device' if mesh is not None else ''} (under "
+                  f"REUSE_MIN_SIDE_SHARE = {REUSE_MIN_SIDE_SHARE}: one program per "
+                  "tile is faster)")
+  how = (f"each block's {what} computed once and kept for the tiles that need them"
+         if mesh is None else
+         f"each block's {what} computed once, split over the {mesh.devices.size} "
+         "devices, and all-gathered in each tile that needs them")
+  return kind, how
+
+
+def _measure(ntk_fn, plan, kind, tiling: Tiling, mesh) -> dict:
+  """The facts `reuse` decides from: budget, side bytes (sharded), cost share."""
+  budget = _budget(ntk_fn, mesh)
+  facts = {"budget": budget}
+  params = _abstract(plan.problem.params)
+  blocks = kind(ntk_fn, plan, params, budget, _tile_bytes(plan, tiling, mesh),
+                mesh=mesh)
+  d = 1 if mesh is None else mesh.devices.size
+  b2 = _round_up(tiling.block2, d)
+  if mesh is not None:
+    if blocks.layout(1) is None or blocks.layout(2) is None:
+      return dict(facts, unsplit=True)
+    facts["whole"], facts["shard"] = blocks.side_bytes(2, b2)
+  if kind is not _Sides:
+    facts["share"] = blocks.side_share(tiling.block1 // d, b2)
+  return facts
+
+
+def _blocks(ntk_fn, plan, params, tiling: Tiling, mesh) -> _Blocks | None:
+  """The runner that keeps each block's side for the tiles that need it (`reuse`
+  decides), or None: each tile in one program (`_Runner`)."""
+  kind, _ = reuse(ntk_fn, plan, tiling, mesh)
+  if kind is None:
+    return None
+  return kind(ntk_fn, plan, params, _budget(ntk_fn, mesh),
+              _tile_bytes(plan, tiling, mesh), mesh=mesh)
 
 
 # jacobian and ntk_vp keep blocks' sides only where computing a side costs at least

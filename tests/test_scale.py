@@ -481,6 +481,84 @@ def test_sharded_grid_on_8_devices():
   _run_sharded(cases)
 
 
+_KEPT = textwrap.dedent("""
+    import sys
+    import jax, jax.numpy as jnp, numpy as np
+    jax.config.update("jax_enable_x64", True)
+    jax.config.update("jax_disable_most_optimizations", True)  # as tests/conftest.py
+    sys.path.insert(0, "tests")
+    import models, models_structured
+    import ntk_compiler as nc
+    from ntk_compiler import scale
+    from oracle import assert_matches, oracle_ntk
+    assert len(jax.devices()) == 8, jax.devices()
+    made = []
+    original = scale._blocks
+    def record(*args, **kwargs):
+      made.append(original(*args, **kwargs))
+      return made[-1]
+    scale._blocks = record
+    zoo = {{"mlp": models.mlp(), "cnn": models.cnn(),
+           "transformer": models_structured.transformer(2, causal=True)}}
+    for name, method, n1, n2, share, memory, computed in {cases}:
+      scale.REUSE_MIN_SIDE_SHARE = share
+      model = zoo[name]
+      params, x1, x2 = model.draw(0, n1, n2 or n1, jnp.float64)
+      x2 = None if n2 is None else x2
+      ntk_fn = nc.compile_ntk(model.f, method=method, block_size=8, max_memory=memory)
+      est = ntk_fn.estimate(params, x1, x2)
+      assert est.tiling.devices == 8 and est.tiling.block1 == 8, est
+      made.clear()
+      assert_matches(ntk_fn(params, x1, x2),
+                     oracle_ntk(model.f, params, x1, x2, (-1,), ()), 1e-10)
+      (blocks,) = made
+      if computed is None:  # recomputed per tile, and the estimate says why
+        assert blocks is None and "recomputes" in est.reuse, est.reuse
+        continue
+      assert "computed once, split over the 8 devices" in est.reuse, est.reuse
+      assert blocks.evaluations == computed, (name, method, blocks.evaluations)
+      # What is kept is split by examples: each device holds its examples' share.
+      for side in blocks.cache.values():
+        _, split = blocks.layout(1 if method != "ntk_vp" else 2)
+        for leaf, by_examples in zip(jax.tree_util.tree_leaves(side), split):
+          want = ((leaf.shape[0] // 8,) + leaf.shape[1:] if by_examples
+                  else leaf.shape)
+          assert {{s.data.shape for s in leaf.addressable_shards}} == {{want}}
+    print("OK", len({cases}))
+""")
+
+# (model, method, n1, n2 (None: x2 omitted), REUSE_MIN_SIDE_SHARE, max_memory, sides
+# computed (None: recomputed per tile)). Blocks of 8 examples, one per device: 3 blocks
+# of x1 (x2 given: 3 of x2, 7 examples padded to 8), so 9 tiles (6 with x2 omitted),
+# which would compute 18 (9) sides without keeping them.
+KEPT_CASES = [("mlp", "jacobian", 24, None, 0.0, None, 3),
+              ("mlp", "jacobian", 24, 20, 0.0, None, 6),
+              ("mlp", "ntk_vp", 24, None, 0.0, None, 3),
+              ("mlp", "ntk_vp", 24, 20, 0.0, None, 3),
+              ("mlp", "structured", 24, None, 0.5, None, 3),
+              ("mlp", "structured", 24, 20, 0.5, None, 6),
+              ("cnn", "jacobian", 16, None, 0.5, None, 2),
+              ("transformer", "structured", 16, 12, 0.5, None, 4),
+              # the cost rule: a side too cheap against the contraction is recomputed
+              ("mlp", "jacobian", 16, None, 1e9, None, None),
+              # the budget: one block's side gathered does not fit, so recomputed
+              ("mlp", "structured", 16, None, 0.5, 1000, None)]
+
+
+@full
+def test_sharded_sides_computed_once_on_8_devices():
+  """On 8 devices each block's side (Jacobians, cotangents) is computed once, split
+  by examples over the devices, and all-gathered in the tiles that need it; kernels
+  equal the float64 oracle's; below the cost rule or over the budget each tile
+  recomputes its own, and estimate() says which and why."""
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES="8",
+             XLA_FLAGS=os.environ.get("XLA_FLAGS", ""))
+  done = subprocess.run([sys.executable, "-c", _KEPT.format(cases=KEPT_CASES)],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-4000:]
+  assert f"OK {len(KEPT_CASES)}" in done.stdout
+
+
 # --- several processes (hosts) ----------------------------------------------------------
 
 _PROCESS = textwrap.dedent("""
@@ -503,7 +581,10 @@ _PROCESS = textwrap.dedent("""
     for name, method, trace, diagonal, symmetric in {cases}:
       ntk_fn = nc.compile_ntk(model.f, method=method, trace_axes=trace,
                               diagonal_axes=diagonal, devices=mesh, block_size=4)
-      assert ntk_fn.estimate(params, x1).tiling.devices == 4
+      est = ntk_fn.estimate(params, x1)
+      assert est.tiling.devices == 4
+      # A grid of tiles keeps each block's side, all-gathered across the processes.
+      assert name != "pairs" or "computed once" in est.reuse, est
       # One .npy for both processes (created by the test): each writes its rows.
       out = np.lib.format.open_memmap(f"{{directory}}/{{name}}.npy", mode="r+")
       assert ntk_fn(params, x1, None if symmetric else x2, out=out) is out
@@ -511,6 +592,21 @@ _PROCESS = textwrap.dedent("""
     ntk_fn = nc.compile_ntk(model.f, devices=mesh, block_size=4)
     v = np.arange(11.0)
     np.save(f"{{directory}}/matvec{{process}}.npy", ntk_fn.matvec(params, x1, None, v))
+    # Without out=: the whole kernel on every process (gathered across processes).
+    from ntk_compiler import scale
+    scale.REUSE_MIN_SIDE_SHARE = 0.0  # kept sides, all-gathered across the processes
+    for name, method, trace, diagonal, symmetric in {cases}:
+      ntk_fn = nc.compile_ntk(model.f, method=method, trace_axes=trace,
+                              diagonal_axes=diagonal, devices=mesh, block_size=4)
+      result = ntk_fn(params, x1, None if symmetric else x2)
+      np.save(f"{{directory}}/{{name}}_whole{{process}}.npy", result)
+    scale.HOST_FRACTION = 1e-12  # no host memory: refused before any tile runs
+    try:
+      ntk_fn(params, x1, x2)
+    except MemoryError as error:
+      assert "Pass out=" in str(error), error
+    else:
+      raise AssertionError("no MemoryError")
     print("OK", process)
 """)
 
@@ -531,7 +627,9 @@ def _free_port() -> int:
 def test_two_processes(tmp_path):
   """jax.distributed over two local processes (two CPU devices each, gloo collectives):
   the kernel on a Mesh of the 4 global devices, written by both processes into one
-  memmap, and matvec read by each, equal the float64 oracle's."""
+  memmap, returned whole to each process without out= (blocks' sides kept and
+  all-gathered across the processes), and matvec read by each, equal the float64
+  oracle's; without out= a kernel over the host's share of memory is refused."""
   model = models.mlp()
   params, x1, x2 = model.draw(0, 11, 11, jnp.float64)
   expected = {}
@@ -563,3 +661,5 @@ def test_two_processes(tmp_path):
   kernel = np.asarray(apply_layouts(*full_kernel(model.f, params, x1), (-1,), ()))
   for i in range(2):
     assert_matches(np.load(tmp_path / f"matvec{i}.npy"), kernel @ np.arange(11.0), RTOL)
+    for name in expected:
+      assert_matches(np.load(tmp_path / f"{name}_whole{i}.npy"), expected[name], RTOL)
