@@ -171,3 +171,105 @@ def test_batching_rule_with_copies_and_a_broadcast_operand():
   d = decide(g, rand(4, 3), rand(4, 3, seed=1))
   assert not d.independent, d.reason
   assert "test_pick_first" in d.reason, d.reason
+
+
+# custom_jvp calls inside scan, cond and while bodies: followed through their JVP rule's
+# tangent program as at top level (the loop or branch rebuilt around the rewritten
+# bodies), so a parameter's view goes through the JVP's contractions; the reversed
+# matmul's JVP negates its derivative (following its primal body would be wrong).
+
+@jax.custom_jvp
+def custom_matmul(x, w):
+  return x @ w
+
+
+@custom_matmul.defjvp
+def _custom_matmul_jvp(primals, tangents):
+  (x, w), (tx, tw) = primals, tangents
+  return custom_matmul(x, w), tx @ w + x @ tw
+
+
+@jax.custom_jvp
+def reversed_matmul(x, w):
+  return x @ w
+
+
+@reversed_matmul.defjvp
+def _reversed_matmul_jvp(primals, tangents):
+  (x, w), (tx, tw) = primals, tangents
+  return reversed_matmul(x, w), -(tx @ w + x @ tw)
+
+
+def scan_model(p, x):  # x: (N, T, D)
+  def cell(h, xt):
+    h = jnp.tanh(custom_matmul(xt, p["w"]) + reversed_matmul(h, p["r"]))
+    return h, h
+  h0 = jnp.zeros((x.shape[0], p["r"].shape[0]))
+  h, _ = lax.scan(cell, h0, jnp.swapaxes(x, 0, 1))
+  return h @ p["o"]
+
+
+def cond_model(p, x):
+  h = jnp.tanh(x @ p["w"])
+  h = lax.cond(p["o"][0, 0] > -100.0, lambda h: reversed_matmul(h, p["r"]),
+               lambda h: h @ p["r"], h)
+  return jnp.tanh(h) @ p["o"]
+
+
+def while_model(p, x):  # a trip count the tracer cannot see: a while, not a scan
+  n = (jnp.abs(p["o"][0, 0]) < 100.0).astype(jnp.int32) * 3
+  h = lax.fori_loop(0, n, lambda i, h: jnp.tanh(reversed_matmul(h, p["r"])),
+                    jnp.tanh(x @ p["w"]))
+  return h @ p["o"]
+
+
+JVP_LOOPS = {"w": rand(3, 4), "r": rand(4, 4, seed=1) / 2, "o": rand(4, 2, seed=2)}
+
+
+def _uses(e, name):
+  leaf, = [leaf for leaf in e.leaves if name in leaf.path]
+  return leaf.uses
+
+
+def test_custom_jvp_in_scan_body():
+  e = check(scan_model, JVP_LOOPS, rand(3, 5, 3, seed=3), rand(2, 5, 3, seed=4))
+  assert all("dot_general" in u.steps for u in _uses(e, "'w'")), _uses(e, "'w'")
+  assert any("neg" in u.steps for u in _uses(e, "'r'")), _uses(e, "'r'")
+
+
+@full
+def test_custom_jvp_in_cond_branch():
+  e = check(cond_model, JVP_LOOPS, rand(3, 3, seed=3), rand(2, 3, seed=4))
+  assert any("neg" in u.steps for u in _uses(e, "'r'")), _uses(e, "'r'")
+
+
+@pytest.mark.parametrize("model", [scan_model, cond_model, while_model])
+def test_loops_rebuilt_with_the_same_values_and_jvp(model):
+  """The rewritten program (loops and branches rebuilt) computes f's value and its
+  JVP in the parameters, the custom rules' one."""
+  from ntk_compiler.rules import custom_jvp, registry
+  x = rand(3, 5, 3, seed=3) if model is scan_model else rand(3, 3, seed=3)
+  program = trace.trace_program(model, JVP_LOOPS, x, per_example=False)
+  n = program.num_params
+  new = custom_jvp.follow_linear_jvps(program.jaxpr, program.consts, n, registry())
+  assert new is not None
+  leaves = jax.tree.leaves(JVP_LOOPS)
+  tangents = [rand(*np.shape(a), seed=7 + i) for i, a in enumerate(leaves)]
+  run = lambda j, c: lambda *p: jax.core.eval_jaxpr(j, c, *p, x)
+  want = jax.jvp(run(program.jaxpr, program.consts), leaves, tangents)
+  got = jax.jvp(run(*new), leaves, tangents)
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-12)
+  def calls(j):
+    """(custom_jvp calls, those whose float operands are all stop_gradient's: the
+    primal F(stop_gradient(x)) of a rewritten call), in j and its bodies."""
+    stopped = {v for e in j.eqns if e.primitive is compat.stop_gradient_primitive()
+               for v in e.outvars}
+    found = [e for e in j.eqns if e.primitive is custom_jvp.CUSTOM_JVP_CALL]
+    ok = [e for e in found if all(a in stopped for a in e.invars
+                                  if jnp.issubdtype(a.aval.dtype, jnp.inexact))]
+    inner = [calls(b) for e in j.eqns for b in compat.sub_jaxprs(e)]
+    return (len(found) + sum(a for a, _ in inner), len(ok) + sum(b for _, b in inner))
+  before, after = calls(program.jaxpr), calls(new[0])
+  assert before[0] > 0 and before[1] == 0, before
+  assert after[0] == after[1] > 0, after

@@ -10,6 +10,9 @@ tangent output is linear in the tangents (JAX can transpose it), the call is rep
 with F the primal and T the tangent program: the same value (the tangent input is zero),
 and the same derivative, T's (exact, to every order the engine uses: the first). The
 structure rules then follow a parameter's view through T like any other program. Calls
+inside call bodies (jit) are inlined; inside scan, cond and while bodies the loop or
+branch is rebuilt (`lax.scan`, `lax.switch`, `lax.while_loop`) around the rewritten
+bodies, with the same operands, params and outputs. Calls
 that map an array elementwise (relu, gelu, softmax: every operand the output's shape)
 are left opaque, as the analysis keeps them (their own derivative is used, with no
 loss); so are calls whose JVP is not linear in the tangents, and every call when the
@@ -22,6 +25,7 @@ import contextlib
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.extend import source_info_util
 from jax.extend.core import primitives as prims
 
@@ -65,6 +69,7 @@ class _Rewriter:
 
   def __init__(self):
     self.decided: dict[int, tuple] = {}  # id(eqn) -> (eqn, candidate?)
+    self.inside: dict[tuple, tuple] = {}  # (id(eqn), dep) -> (eqn, reaches a candidate?)
 
   def candidate(self, eqn) -> bool:
     """A custom_jvp call, not elementwise (those stay opaque, with no loss), with a JVP
@@ -89,9 +94,53 @@ class _Rewriter:
         body = compat.call_body(eqn)
         if body is not None and self.reaches(body[0], ops):
           return True
+        if self.reaches_inside(eqn, ops):
+          return True
       for v in eqn.outvars:
         dep[v] = any(ops)
     return False
+
+  def reaches_inside(self, eqn, ops) -> bool:
+    """Whether a parameter flows into a candidate in a scan, cond or while body (every
+    body input taken to depend on it when any operand does, except a cond's index)."""
+    if eqn.primitive not in _LOOPS or (eqn.primitive is lax.scan_p
+                                       and compat.scan_layout(eqn) is None):
+      return False
+    dep = any(ops) if eqn.primitive is not lax.cond_p else any(ops[1:])
+    if (id(eqn), dep) not in self.inside:
+      found = dep and any(self.reaches(compat.open_jaxpr(b), [True] * len(
+          compat.open_jaxpr(b).invars)) for b in _bodies(eqn))
+      self.inside[(id(eqn), dep)] = (eqn, found)
+    return self.inside[(id(eqn), dep)][1]
+
+  def body_fn(self, body):
+    """The closed jaxpr `body` as a function, its candidates replaced."""
+    jaxpr = compat.open_jaxpr(body)
+    consts = list(getattr(body, "consts", None) or [])
+    return lambda *args: self.run(jaxpr, consts, list(args), [True] * len(args))
+
+  def rebuilt(self, eqn, vals: list) -> list:
+    """`eqn` (scan, cond or while) run again by its public API, bodies rewritten."""
+    p = eqn.params
+    if eqn.primitive is lax.scan_p:
+      nc, ncar = compat.scan_layout(eqn)
+      body = self.body_fn(p["jaxpr"])
+      consts, init, xs = vals[:nc], vals[nc:nc + ncar], vals[nc + ncar:]
+
+      def step(carry, x):
+        outs = body(*consts, *carry, *x)
+        return outs[:ncar], outs[ncar:]
+      carry, ys = lax.scan(step, init, xs, length=p["length"], reverse=p["reverse"],
+                           unroll=p["unroll"])
+      return list(carry) + list(ys)
+    if eqn.primitive is lax.cond_p:
+      return list(lax.switch(vals[0], [self.body_fn(b) for b in p["branches"]],
+                             *vals[1:]))
+    nc, nb = p["cond_nconsts"], p["body_nconsts"]
+    cond, body = self.body_fn(p["cond_jaxpr"]), self.body_fn(p["body_jaxpr"])
+    cconsts, bconsts = vals[:nc], vals[nc:nc + nb]
+    return list(lax.while_loop(lambda c: cond(*cconsts, *c)[0],
+                               lambda c: list(body(*bconsts, *c)), vals[nc + nb:]))
 
   def run(self, jaxpr, consts, args, in_dep):
     """Evaluates `jaxpr` (under tracing), replacing the candidates."""
@@ -104,6 +153,9 @@ class _Rewriter:
       body = compat.call_body(eqn) if any(ops) else None
       if body is not None and not self.candidate(eqn) and self.reaches(body[0], ops):
         outs = self.run(body[0], body[1], vals, ops)  # inlined: it holds a candidate
+      elif any(ops) and self.reaches_inside(eqn, ops):
+        with _source(eqn):
+          outs = self.rebuilt(eqn, vals)
       else:
         with _source(eqn):  # explain() keeps pointing at the user's lines
           outs = (_followed(eqn, vals) if any(ops) and self.candidate(eqn)
@@ -112,6 +164,19 @@ class _Rewriter:
       for v in eqn.outvars:
         dep[v] = any(ops)
     return [compat.read_atom(env, v) for v in jaxpr.outvars]
+
+
+_LOOPS = (lax.scan_p, lax.cond_p, lax.while_p)
+
+
+def _bodies(eqn) -> list:
+  """The closed jaxprs of a scan, cond or while."""
+  p = eqn.params
+  if eqn.primitive is lax.scan_p:
+    return [p["jaxpr"]]
+  if eqn.primitive is lax.cond_p:
+    return list(p["branches"])
+  return [p["cond_jaxpr"], p["body_jaxpr"]]
 
 
 def _source(eqn):
