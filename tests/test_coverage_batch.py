@@ -273,3 +273,38 @@ def test_loops_rebuilt_with_the_same_values_and_jvp(model):
   before, after = calls(program.jaxpr), calls(new[0])
   assert before[0] > 0 and before[1] == 0, before
   assert after[0] == after[1] > 0, after
+
+
+# diffrax: an adaptive solve vmapped over the examples. Equinox's while_loop reduces
+# the condition over the batch (unvmap_any) and masks each example's steps by a carried
+# predicate that the analysis cannot relate to the condition (docs/custom_rules.md):
+# whole batch, exact; per-example and exact when the user says so.
+
+def _diffrax_model():
+  diffrax = pytest.importorskip("diffrax")
+  term = diffrax.ODETerm(lambda t, y, w: jnp.tanh(y @ w))
+  controller = diffrax.PIDController(rtol=1e-8, atol=1e-8)
+
+  def solve(w, y0):
+    return diffrax.diffeqsolve(term, diffrax.Tsit5(), 0.0, 1.0, 0.1, y0, args=w,
+                               stepsize_controller=controller, max_steps=64).ys[-1]
+  return jax.jit(lambda p, x: jax.vmap(lambda xi: solve(p["w"], xi) @ p["o"])(x))
+
+
+DIFFRAX = {"w": rand(3, 3) / 2, "o": rand(3, 2, seed=1)}
+
+
+@full
+def test_diffrax_solve():
+  f = _diffrax_model()
+  x1, x2 = 2 * rand(3, 3, seed=2), rand(2, 3, seed=3)
+  want = oracle_ntk(f, DIFFRAX, x1, x2)
+  for batch_independent in (None, True):
+    ntk_fn = nc.compile_ntk(f, method="jacobian", batch_independent=batch_independent)
+    e = ntk_fn.explain(DIFFRAX, x1)
+    if batch_independent is None:
+      assert not e.batch_independent
+      assert "while" in e.batch.reason, e.batch.reason
+    else:
+      assert e.batch_independent
+    assert_matches(ntk_fn(DIFFRAX, x1, x2), want, RTOL)
