@@ -584,7 +584,9 @@ class _Runner:
 
   def __init__(self, ntk_fn, params, mesh: Mesh | None, mode: str):
     self.ntk_fn, self.mesh, self.mode = ntk_fn, mesh, mode
-    self.cache: dict = {}
+    # The compiled tile programs, kept per NTK function (they hold no arrays).
+    self.cache: dict = ntk_fn.__dict__.setdefault("_scale_cache", {}).setdefault(
+        ("runner", _mesh_key(mesh), mode), {})
     self.host_params = params
     self.params = jax.device_put(params) if mesh is None else self._put(params, P())
     self.local_params = None
@@ -669,6 +671,10 @@ class _Blocks:
     self.capacity = None
     self.evaluations = 0
     self._side, self._pair = {}, {}
+    # Where the compiled programs come from: this object, or a template made from
+    # the abstract problem and kept per NTK function, so later calls with the same
+    # signature compile nothing (`_blocks`).
+    self.programs = self
     self.dtypes = [plan.outputs[i].dtype for i in plan.kept]
 
   def _source(self, which: int) -> int:
@@ -683,7 +689,7 @@ class _Blocks:
     raise NotImplementedError
 
   def side(self, which: int, start: int, x):
-    fn = self._side_fn(which)
+    fn = self.programs._side_fn(which)
     if fn is None:
       return self._inputs(x)
     key = (which if self._kind_differs() else 0, self._source(which), start)
@@ -691,13 +697,13 @@ class _Blocks:
       self.cache[key] = self.cache.pop(key)  # most recently used last
       return self.cache[key]
     if self.capacity is None:
-      nbytes = self.side_bytes(which, _rows(x))[1]
+      nbytes = self.programs.side_bytes(which, _rows(x))[1]
       room = int(max(0, self.budget - self.tile_bytes) // max(nbytes, 1))
       self.capacity = 2 + room if self.extra else max(2, room)
     if self.mesh is None:
       value = fn(self.params, jax.device_put(x))
     else:  # each device computes the side of its examples only
-      value = self._sharded_side(which)(self.params, self._inputs(x))
+      value = self.programs._sharded_side(which)(self.params, self._inputs(x))
     self.evaluations += 1
     self.cache[key] = value
     while len(self.cache) > self.capacity:
@@ -845,8 +851,8 @@ class _Blocks:
     s1 = self.side(1, i, xa)
     s2 = s1 if symmetric else self.side(2, j, xb)
     if self.mesh is not None:  # a diagonal tile too: x1's rows against the whole block
-      return self._sharded_pair(_rows(xa) // self._devices(), _rows(xb))(s1, s2)
-    return self._pair_fn(symmetric)(s1, s2, _rows(xa), _rows(xb))
+      return self.programs._sharded_pair(_rows(xa) // self._devices(), _rows(xb))(s1, s2)
+    return self.programs._pair_fn(symmetric)(s1, s2, _rows(xa), _rows(xb))
 
 
 def _place(params, mesh):
@@ -955,10 +961,10 @@ class _Cotangents(_Blocks):
   def tile(self, xa, xb, symmetric: bool, i: int, j: int):
     if self.mesh is not None:
       xb = self._pad(xb)
-      return self._sharded_pair(_rows(xa) // self._devices(), _rows(xb))(
+      return self.programs._sharded_pair(_rows(xa) // self._devices(), _rows(xb))(
           (self.params, self._inputs(xa)), self.side(2, j, xb))
     s2 = self.side(2, j, xb)
-    return self._pair_fn(False)((self.params, jax.device_put(xa)), s2, _rows(xa),
+    return self.programs._pair_fn(False)((self.params, jax.device_put(xa)), s2, _rows(xa),
                                 _rows(xb))
 
   def _contract(self, s1, s2, b1, b2, symmetric):
@@ -1215,14 +1221,8 @@ def reuse(ntk_fn, plan, tiling: Tiling, mesh) -> tuple[type | None, str]:
   kind = globals()[name]
   if tiling.mode != "pairs" and (kind is not _Sides or mesh is not None):
     return None, ""  # each block is in one tile: nothing to keep
-  problem = plan.problem
   cache = ntk_fn.__dict__.setdefault("_scale_cache", {})
-  shapes = lambda t: tuple((tuple(jnp.shape(a)), str(jnp.result_type(a)))
-                           for a in jax.tree_util.tree_leaves(t))
-  mesh_key = None if mesh is None else (mesh.axis_names, mesh.devices.shape,
-                                        tuple(d.id for d in mesh.devices.flat))
-  key = ("reuse", plan.method, tiling, _signature(problem.params), shapes(problem.x1),
-         shapes(problem.second), mesh_key)
+  key = ("reuse", _reuse_key(plan, tiling, mesh))
   if key not in cache:
     cache[key] = _measure(ntk_fn, plan, kind, tiling, mesh)
   facts = cache[key]
@@ -1245,6 +1245,17 @@ def reuse(ntk_fn, plan, tiling: Tiling, mesh) -> tuple[type | None, str]:
          f"each block's {what} computed once, split over the {mesh.devices.size} "
          "devices, and all-gathered in each tile that needs them")
   return kind, how
+
+
+def _mesh_key(mesh):
+  return None if mesh is None else (mesh.axis_names, mesh.devices.shape,
+                                    tuple(d.id for d in mesh.devices.flat))
+
+
+def _reuse_key(plan, tiling: Tiling, mesh):
+  problem = plan.problem
+  return (plan.method, tiling, _signature(problem.params), _signature(problem.x1),
+          _signature(problem.second), _mesh_key(mesh))
 
 
 def _measure(ntk_fn, plan, kind, tiling: Tiling, mesh) -> dict:
@@ -1271,8 +1282,23 @@ def _blocks(ntk_fn, plan, params, tiling: Tiling, mesh) -> _Blocks | None:
   kind, _ = reuse(ntk_fn, plan, tiling, mesh)
   if kind is None:
     return None
-  return kind(ntk_fn, plan, params, _budget(ntk_fn, mesh),
-              _tile_bytes(plan, tiling, mesh), mesh=mesh)
+  budget, tile_bytes = _budget(ntk_fn, mesh), _tile_bytes(plan, tiling, mesh)
+  blocks = kind(ntk_fn, plan, params, budget, tile_bytes, mesh=mesh)
+  cache = ntk_fn.__dict__.setdefault("_scale_cache", {})
+  key = ("programs", kind.__name__, _reuse_key(plan, tiling, mesh))
+  if key not in cache:  # programs that hold no arrays of this call
+    cache[key] = kind(ntk_fn, _abstract_plan(plan), _abstract(params), budget,
+                      tile_bytes, mesh=mesh)
+  blocks.programs = cache[key]
+  return blocks
+
+
+def _abstract_plan(plan):
+  """The plan with its problem's arrays replaced by their shapes (engines kept)."""
+  problem = plan.problem
+  return dataclasses.replace(plan, problem=dataclasses.replace(
+      problem, params=_abstract(problem.params), x1=_abstract(problem.x1),
+      x2=None if problem.x2 is None else _abstract(problem.x2)))
 
 
 # jacobian and ntk_vp keep blocks' sides only where computing a side costs at least

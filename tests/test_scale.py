@@ -169,7 +169,8 @@ def test_tiles_compute_each_block_once(monkeypatch, method, symmetric, memory,
   params, x1, x2 = _draw(model)
   x2 = None if symmetric else x2
   ntk_fn = nc.compile_ntk(model.f, method=method, block_size=2, max_memory=memory)
-  assert ntk_fn.estimate(params, x1, x2).tiling.block1 == 2
+  est = ntk_fn.estimate(params, x1, x2)
+  assert est.tiling.block1 == 2 and "computed once and kept" in est.reuse, est
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", ResourceWarning)
     kernel = ntk_fn(params, x1, x2)
@@ -192,8 +193,11 @@ def test_sides_kept_only_where_they_cost(monkeypatch):
   wide = [jnp.ones((8, 256)) / 8, jnp.ones((256, 256)) / 16, jnp.ones((256, 4)) / 16]
   f = lambda p, x: jnp.tanh(jnp.tanh(x @ p[0]) @ p[1]) @ p[2]
   x = jnp.ones((64, 8))
-  nc.compile_ntk(f, method="jacobian", block_size=32)(wide, x)
+  ntk_fn = nc.compile_ntk(f, method="jacobian", block_size=32)
+  ntk_fn(wide, x)
   assert made[-1] is None  # each tile in one program
+  assert "each tile recomputes its blocks' per-example Jacobians" in str(
+      ntk_fn.explain(wide, x))
 
 
 def test_budget_tiles_the_call():
@@ -492,6 +496,7 @@ _KEPT = textwrap.dedent("""
     from ntk_compiler import scale
     from oracle import assert_matches, oracle_ntk
     assert len(jax.devices()) == 8, jax.devices()
+    directory = sys.argv[1]
     made = []
     original = scale._blocks
     def record(*args, **kwargs):
@@ -509,9 +514,14 @@ _KEPT = textwrap.dedent("""
       est = ntk_fn.estimate(params, x1, x2)
       assert est.tiling.devices == 8 and est.tiling.block1 == 8, est
       made.clear()
-      assert_matches(ntk_fn(params, x1, x2),
-                     oracle_ntk(model.f, params, x1, x2, (-1,), ()), 1e-10)
+      kernel = ntk_fn(params, x1, x2)
+      assert_matches(kernel, oracle_ntk(model.f, params, x1, x2, (-1,), ()), 1e-10)
       (blocks,) = made
+      if (name, method) == ("mlp", "jacobian"):  # the same tiles into a .npy memmap
+        out = np.lib.format.open_memmap(f"{{directory}}/kernel.npy", mode="w+",
+                                        dtype=kernel.dtype, shape=kernel.shape)
+        assert ntk_fn(params, x1, x2, out=out) is out
+        np.testing.assert_array_equal(np.load(f"{{directory}}/kernel.npy"), kernel)
       if computed is None:  # recomputed per tile, and the estimate says why
         assert blocks is None and "recomputes" in est.reuse, est.reuse
         continue
@@ -538,7 +548,9 @@ KEPT_CASES = [("mlp", "jacobian", 24, None, 0.0, None, 3),
               ("mlp", "structured", 24, None, 0.5, None, 3),
               ("mlp", "structured", 24, 20, 0.5, None, 6),
               ("cnn", "jacobian", 16, None, 0.5, None, 2),
+              ("cnn", "ntk_vp", 16, 12, 0.0, None, 2),
               ("transformer", "structured", 16, 12, 0.5, None, 4),
+              ("transformer", "ntk_vp", 16, None, 0.0, None, 2),
               # the cost rule: a side too cheap against the contraction is recomputed
               ("mlp", "jacobian", 16, None, 1e9, None, None),
               # the budget: one block's side gathered does not fit, so recomputed
@@ -546,15 +558,16 @@ KEPT_CASES = [("mlp", "jacobian", 24, None, 0.0, None, 3),
 
 
 @full
-def test_sharded_sides_computed_once_on_8_devices():
+def test_sharded_sides_computed_once_on_8_devices(tmp_path):
   """On 8 devices each block's side (Jacobians, cotangents) is computed once, split
   by examples over the devices, and all-gathered in the tiles that need it; kernels
-  equal the float64 oracle's; below the cost rule or over the budget each tile
-  recomputes its own, and estimate() says which and why."""
+  equal the float64 oracle's, also written into a memmap (out=); below the cost rule
+  or over the budget each tile recomputes its own, and estimate() says which and
+  why."""
   env = dict(os.environ, JAX_NUM_CPU_DEVICES="8",
              XLA_FLAGS=os.environ.get("XLA_FLAGS", ""))
-  done = subprocess.run([sys.executable, "-c", _KEPT.format(cases=KEPT_CASES)],
-                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  done = subprocess.run([sys.executable, "-c", _KEPT.format(cases=KEPT_CASES),
+                         str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-4000:]
   assert f"OK {len(KEPT_CASES)}" in done.stdout
 
