@@ -1042,7 +1042,9 @@ def compute(ntk_fn, params, x1, x2=None, out=None, plan=None, est=None) -> Any:
     if i not in kept:
       d[...] = 0
   mesh = run_mesh(ntk_fn, tiling)
-  gather = (given is None and tiling.mode != "trace" and mesh is not None
+  # Traced, every process sums the whole mean; whole (f mixes examples), every
+  # process computes the whole kernel on its own device: nothing to gather.
+  gather = (given is None and tiling.mode in ("pairs", "diagonal") and mesh is not None
             and _spans_processes(mesh))
   if gather:
     _check_host_memory(est, mesh)

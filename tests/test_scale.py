@@ -613,6 +613,10 @@ _PROCESS = textwrap.dedent("""
                               diagonal_axes=diagonal, devices=mesh, block_size=4)
       result = ntk_fn(params, x1, None if symmetric else x2)
       np.save(f"{{directory}}/{{name}}_whole{{process}}.npy", result)
+    mixing = models.batch_mixing()  # not split: each process computes it whole
+    mp, mx1, mx2 = mixing.draw(0, 11, 11, np.float64)
+    np.save(f"{{directory}}/mixing{{process}}.npy",
+            nc.compile_ntk(mixing.f, devices=mesh)(mp, mx1, mx2))
     scale.HOST_FRACTION = 1e-12  # no host memory: refused before any tile runs
     try:
       ntk_fn(params, x1, x2)
@@ -676,3 +680,8 @@ def test_two_processes(tmp_path):
     assert_matches(np.load(tmp_path / f"matvec{i}.npy"), kernel @ np.arange(11.0), RTOL)
     for name in expected:
       assert_matches(np.load(tmp_path / f"{name}_whole{i}.npy"), expected[name], RTOL)
+  mixing = models.batch_mixing()
+  mp, mx1, mx2 = mixing.draw(0, 11, 11, jnp.float64)
+  mixed = np.asarray(apply_layouts(*full_kernel(mixing.f, mp, mx1, mx2), (-1,), ()))
+  for i in range(2):
+    assert_matches(np.load(tmp_path / f"mixing{i}.npy"), mixed, RTOL)
