@@ -1240,8 +1240,8 @@ def reuse(ntk_fn, plan, tiling: Tiling, mesh) -> tuple[type | None, str]:
   if share is not None and share < REUSE_MIN_SIDE_SHARE:
     return None, (f"{recompute}: one block's costs {share:.2g}x a tile's contraction"
                   f"{' per device' if mesh is not None else ''} (under "
-                  f"REUSE_MIN_SIDE_SHARE = {REUSE_MIN_SIDE_SHARE}: one program per "
-                  "tile is faster)")
+                  f"REUSE_MIN_SIDE_SHARE = {REUSE_MIN_SIDE_SHARE}, where one program "
+                  "per tile measured faster)")
   how = (f"each block's {what} computed once and kept for the tiles that need them"
          if mesh is None else
          f"each block's {what} computed once, split over the {mesh.devices.size} "
