@@ -6,9 +6,13 @@ plan's batch decision): a model that mixes examples (a batch mean, batch norm in
 training mode) is computed in one piece, with a warning when its estimate exceeds the
 budget. With x2 omitted only the tiles on and above the diagonal are computed and the
 others are mirrored. Tiles shard over devices with `jax.shard_map` (x1's block split by
-examples across a `jax.sharding.Mesh`); inputs are laid out with
+examples across a `jax.sharding.Mesh`); each block's side (cotangents, Jacobians) is
+computed once, split by examples over the mesh, and all-gathered in the tiles that
+need it (`reuse` decides, `_Blocks` runs it). Inputs are laid out with
 `jax.make_array_from_callback` and results read from each process's addressable
-shards, so the same code runs on several hosts after `jax.distributed.initialize()`.
+shards, so the same code runs on several hosts after `jax.distributed.initialize()`;
+without out= the processes' rows are gathered (`multihost_utils.process_allgather`)
+so every process returns the whole kernel.
 
 The memory model is an estimate from shapes (per-example activation, output and
 parameter sizes, per method); it sizes the blocks and is reported by `estimate()`.
