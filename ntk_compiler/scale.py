@@ -1181,8 +1181,9 @@ def _run_tiles(ntk_fn, params, x1, x2, plan, tiling: Tiling, dests, reporter) ->
     reporter.close()
 
 
-_KINDS = {"structured": "_Sides", "jacobian": "_Jacobians", "ntk_vp": "_Cotangents"}
-_SIDE_NAMES = {"structured": "cotangents and factors", "jacobian": "per-example Jacobians",
+_KINDS = {"structured": _Sides, "jacobian": _Jacobians, "ntk_vp": _Cotangents}
+_SIDE_NAMES = {"structured": "cotangents and factors",
+               "jacobian": "per-example Jacobians",
                "ntk_vp": "cotangents in parameter space (x2's)"}
 
 
@@ -1220,11 +1221,10 @@ def reuse(ntk_fn, plan, tiling: Tiling, mesh) -> tuple[type | None, str]:
   budget per device; jacobian and ntk_vp also need the cost share, per device (the
   side each device recomputes in a tile, x2's whole block, against its rows of the
   contraction)."""
-  name = _KINDS.get(plan.method)
-  if name is None or tiling.mode == "whole" or (
+  kind = _KINDS.get(plan.method)
+  if kind is None or tiling.mode == "whole" or (
       plan.method == "structured" and getattr(plan, "engine", None) is None):
     return None, ""
-  kind = globals()[name]
   if tiling.mode != "pairs" and (kind is not _Sides or mesh is not None):
     return None, ""  # each block is in one tile: nothing to keep
   cache = ntk_fn.__dict__.setdefault("_scale_cache", {})

@@ -567,7 +567,8 @@ def test_sharded_sides_computed_once_on_8_devices(tmp_path):
   env = dict(os.environ, JAX_NUM_CPU_DEVICES="8",
              XLA_FLAGS=os.environ.get("XLA_FLAGS", ""))
   done = subprocess.run([sys.executable, "-c", _KEPT.format(cases=KEPT_CASES),
-                         str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                         str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-4000:]
   assert f"OK {len(KEPT_CASES)}" in done.stdout
 
