@@ -13,6 +13,7 @@ plan depends on shapes and dtypes only.
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import itertools
 import math
 from collections.abc import Callable, Mapping
@@ -21,6 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.extend.core import primitives as prims
 
 from ntk_compiler import compat, cost
 from ntk_compiler import rules as rules_lib
@@ -179,12 +181,13 @@ class _Builder:
 
     readers = _readers(jaxpr)
     consumers = {v: len(found) for v, found in readers.items()}
+    regions = _Regions(jaxpr, readers, dep)
     for i, eqn in enumerate(jaxpr.eqns):
       path = prefix + (i,)
       op_views, op_dep = zip(*[read(a) for a in eqn.invars]) if eqn.invars else ((), ())
       out_dep = any(op_dep)
       for v in eqn.outvars:
-        views[v], dep[v] = [], out_dep
+        views[v], dep[v] = regions.deferred.pop(v, []), out_dep
       if not any(op_views):
         continue
       if _carries_derivative(eqn) and any(
@@ -196,6 +199,8 @@ class _Builder:
         for k, (atom, vs) in enumerate(zip(eqn.invars, op_views)):
           if vs and consumers.get(atom, 0) > 1:
             live = [view for view in vs if view.steps]
+            if live:
+              live = self._through_region(regions, eqn, k, path, op_dep, views, live)
             for view in live:
               self.pending.append(((prefix, atom), view, (path, k),
                                    f"at a fan-out: read by {consumers[atom]} equations",
@@ -204,7 +209,7 @@ class _Builder:
         if not any(op_views):
           continue
       body = compat.call_body(eqn)
-      if body is not None:
+      if body is not None and not _pooled_activation(eqn, readers, dep):
         inner, inner_consts = body
         self.inline.add(path)
         self.stack_sizes[path] = self.stack_sizes[prefix]
@@ -219,8 +224,31 @@ class _Builder:
       if eqn.primitive is lax.cond_p and not op_views[0]:
         self._cond(eqn, path, op_views, op_dep, prefix)
         continue
-      self._consume(eqn, path, op_views, op_dep, views, prefix, readers)
+      self._consume(eqn, path, op_views, op_dep, views, prefix, readers, dep)
     return [read(v)[0] for v in jaxpr.outvars]
+
+  def _through_region(self, regions, eqn, k, path, op_dep, views, live):
+    """Views of a value that fans out into an elementwise region before a pooling
+    head (a composite activation: tanh-GELU, x·sigmoid(x), where(x > 0, x, a·x)): they
+    go on to the region's one output through its derivative, a per-example diagonal
+    factor computed at `eqn` (the region's equation reading operand `k` first), and
+    their cut is taken past the pool. Returns the views that stop here."""
+    atom = eqn.invars[k]
+    region = regions.of(atom)
+    if region is None:
+      return live
+    exit_var, fn, name = region
+    result = _region_linearised(fn, k, exit_var.aval)
+    through = []
+    for view in live:
+      out_view, _ = self._compose(view, result, eqn, k, 0, path, op_dep, second=True,
+                                  name=name)
+      if out_view is not None:
+        through.append(view)
+        regions.deferred.setdefault(exit_var, []).append(out_view)
+    # Its other readers (inside the region) must not carry these views on.
+    views[atom] = [view for view in views[atom] if view not in through]
+    return [view for view in live if view not in through]
 
   def _scan(self, eqn, path, op_views, op_dep, prefix):
     """Follows views into a scan body, where each step's values, factors and
@@ -286,7 +314,7 @@ class _Builder:
           self.pending.append(((where, inner.outvars[k]), view, (where + ("out",), k),
                                "at an output of a cond branch", False))
 
-  def _consume(self, eqn, path, op_views, op_dep, views, prefix, readers):
+  def _consume(self, eqn, path, op_views, op_dep, views, prefix, readers, dep):
     if eqn.primitive is _STOP_GRADIENT or not any(
         jnp.issubdtype(v.aval.dtype, jnp.inexact) for v in eqn.outvars):
       return  # no derivative flows on (comparisons, integer casts): no contribution
@@ -297,7 +325,8 @@ class _Builder:
       if not vs:
         continue
       results, linear = None, False
-      if rule is None and _linearisable(eqn, operand) and _pools(eqn.outvars[0], readers):
+      if (rule is None and _linearisable(eqn, operand)
+          and _pools(eqn.outvars[0], readers, dep)):
         # Before a pooling head (a reduction that shrinks the value): the view goes on
         # through g'(v), a per-example diagonal factor (the chain rule), and its cut
         # is taken past the reduction, where the cotangent is small.
@@ -339,11 +368,11 @@ class _Builder:
             views[out].append(out_view)
 
   def _compose(self, view: View, result: RuleResult, eqn, operand, out, path, op_dep,
-               second: bool = False):
+               second: bool = False, name: str | None = None):
     """The view of output `out` of `eqn`, or (None, why not). `second`: a second
     per-example factor is allowed (a linearised nonlinearity before a pooling head)."""
     y_shape = tuple(eqn.outvars[out].aval.shape)
-    name = str(eqn.primitive)
+    name = name or str(eqn.primitive)
     if result.rebase:
       return self._rebase(view, y_shape, name)
     if result.dense:
@@ -465,11 +494,16 @@ _SMOOTH = frozenset(getattr(lax, f"{n}_p") for n in (
 _POOL_PATH = frozenset(getattr(lax, f"{n}_p") for n in (
     "mul", "div", "add", "sub", "neg", "convert_element_type") if hasattr(lax, f"{n}_p"))
 _POOL_SHRINK = 8  # the reduction must shrink the value at least this many times
+# Reductions, selections and reshapes a pooling head's value may pass through.
+_POOL_SHAPES = frozenset(getattr(lax, f"{n}_p") for n in (
+    "reduce_sum", "slice", "squeeze", "reshape") if hasattr(lax, f"{n}_p"))
 
 
 def _linearisable(eqn, operand: int) -> bool:
   """An elementwise nonlinearity whose derivative in `operand` is a diagonal factor."""
-  if not (eqn.primitive in _SMOOTH or _elementwise_custom(eqn)) or len(eqn.outvars) != 1:
+  if len(eqn.outvars) != 1 or not (
+      eqn.primitive in _SMOOTH or _elementwise_custom(eqn)
+      or compat.call_body(eqn) is not None and _pointwise(eqn, eqn.outvars[0].aval.shape)):
     return False
   shape = eqn.outvars[0].aval.shape
   return (eqn.invars[operand].aval.shape == shape
@@ -477,21 +511,34 @@ def _linearisable(eqn, operand: int) -> bool:
           and all(getattr(a.aval, "shape", ()) in (shape, ()) for a in eqn.invars))
 
 
-def _pools(var, readers: dict, steps: int = 6) -> bool:
-  """Whether `var` flows, through at most `steps` elementwise linear equations each
-  its only reader, into a reduce_sum that shrinks it `_POOL_SHRINK` times or more (a
-  global average pool, a mean over tokens)."""
+def _pooled_activation(eqn, readers: dict, dep: dict) -> bool:
+  """A call of an elementwise function (jax.nn.silu is one) before a pooling head:
+  linearised whole, as one nonlinearity, instead of inlined."""
+  return (len(eqn.outvars) == 1 and _linearisable(eqn, 0)
+          and _pools(eqn.outvars[0], readers, dep))
+
+
+def _pools(var, readers: dict, dep: dict, steps: int = 6) -> bool:
+  """Whether `var` flows, through at most `steps` equations each its only reader, into
+  a value `_POOL_SHRINK` times smaller or more: a global average pool, a mean over
+  tokens, a class token's slice, past elementwise linear equations, reshapes and
+  shrinking products with a weight (a transformer MLP's down-projection)."""
   size = math.prod(var.aval.shape)
   for _ in range(steps):
     found = readers.get(var, [])
     if len(found) != 1 or found[0] is None or len(found[0].outvars) != 1:
       return False
-    eqn = found[0]
-    if eqn.primitive is lax.reduce_sum_p:
-      return math.prod(eqn.outvars[0].aval.shape) * _POOL_SHRINK <= size
-    if eqn.primitive not in _POOL_PATH or eqn.outvars[0].aval.shape != var.aval.shape:
+    eqn, out = found[0], found[0].outvars[0]
+    smaller = math.prod(out.aval.shape) < math.prod(var.aval.shape)
+    weight = (eqn.primitive is lax.dot_general_p and smaller
+              and not any(dep.get(a, True) for a in eqn.invars
+                          if a is not var and not isinstance(a, compat.Literal)))
+    if not (weight or eqn.primitive in _POOL_SHAPES
+            or eqn.primitive in _POOL_PATH and out.aval.shape == var.aval.shape):
       return False
-    var = eqn.outvars[0]
+    if math.prod(out.aval.shape) * _POOL_SHRINK <= size:
+      return True
+    var = out
   return False
 
 
@@ -509,6 +556,104 @@ def _linearised(eqn, operand: int) -> RuleResult:
     w = ops[operand]
     return jax.jvp(g, (w,), (jnp.ones_like(w),))[1].astype(dtype)
   return RuleResult(structure, factor, tuple(range(len(eqn.invars))))
+
+
+# Elementwise primitives an activation is composed of (with the smooth ones and the
+# linear ones above); comparisons and select_n for piecewise ones.
+_ELEMENTWISE = _SMOOTH | _POOL_PATH | frozenset(
+    getattr(lax, f"{n}_p") for n in (
+        "integer_pow", "pow", "select_n", "erfc", "sign", "exp2", "tan", "cbrt", "gt",
+        "lt", "ge", "le", "eq", "ne", "and", "or", "not", "is_finite")
+    if hasattr(lax, f"{n}_p")) | {prims.copy_p}
+_REGION_MAX = 32  # equations in one elementwise region
+
+
+def _pointwise(eqn, shape) -> bool:
+  """Whether `eqn` maps arrays of `shape` (and scalars) elementwise to one array of
+  `shape`: an elementwise primitive, a custom-derivative activation, or a call whose
+  body is made of them."""
+  if len(eqn.outvars) != 1 or tuple(eqn.outvars[0].aval.shape) != shape:
+    return False
+  if any(tuple(getattr(a.aval, "shape", ())) not in (shape, ()) for a in eqn.invars):
+    return False
+  if eqn.primitive in _ELEMENTWISE or _elementwise_custom(eqn):
+    return True
+  body = compat.call_body(eqn)
+  return body is not None and all(_pointwise(e, shape) for e in body[0].eqns)
+
+
+class _Regions:
+  """The elementwise regions values of one jaxpr fan out into (found on demand), and
+  the views waiting at their outputs."""
+
+  def __init__(self, jaxpr, readers, dep):
+    self.jaxpr, self.readers, self.dep = jaxpr, readers, dep
+    self.deferred: dict = {}  # region output var -> views composed through the region
+    self._found: dict = {}
+    self._all_readers = None
+
+  def of(self, z):
+    """(output var, y = fn(z), name) of the region `z` fans out into, if it has one
+    and the output flows into a pooling head; else None."""
+    if z not in self._found:
+      self._found[z] = self._find(z)
+    return self._found[z]
+
+  def _find(self, z):
+    if self._all_readers is None:
+      self._all_readers = {}
+      for i, eqn in enumerate(self.jaxpr.eqns):
+        for a in eqn.invars:
+          if not isinstance(a, compat.Literal):
+            self._all_readers.setdefault(a, []).append(i)
+    shape = tuple(z.aval.shape)
+    inside, taken, outside = {z}, [], set()
+    heap = sorted(set(self._all_readers.get(z, ())))
+    seen = set(heap)
+    while heap:  # in equation order: an equation's region inputs are known by then
+      i = heapq.heappop(heap)
+      eqn = self.jaxpr.eqns[i]
+      if (len(taken) < _REGION_MAX and _pointwise(eqn, shape) and all(
+          isinstance(a, compat.Literal) or a in inside for a in eqn.invars)):
+        taken.append(i)
+        inside.add(eqn.outvars[0])
+        for r in self._all_readers.get(eqn.outvars[0], ()):
+          if r not in seen:
+            seen.add(r)
+            heapq.heappush(heap, r)
+      else:
+        outside.update(a for a in eqn.invars
+                       if not isinstance(a, compat.Literal) and a in inside)
+    outside.update(v for v in self.jaxpr.outvars
+                   if not isinstance(v, compat.Literal) and v in inside)
+    if len(outside) != 1 or z in outside:
+      return None
+    y = outside.pop()
+    if (not jnp.issubdtype(y.aval.dtype, jnp.floating)
+        or not _pools(y, self.readers, self.dep)):
+      return None
+    eqns = [self.jaxpr.eqns[i] for i in taken]
+
+    def fn(value):
+      env = {z: value}
+      for eqn in eqns:
+        outs = compat.bind_eqn(eqn, [compat.read_atom(env, a) for a in eqn.invars])
+        env.update(zip(eqn.outvars, outs))
+      return env[y]
+    names = ", ".join(dict.fromkeys(str(e.primitive) for e in eqns))
+    return y, fn, f"elementwise region ({names})"
+
+
+def _region_linearised(fn, operand: int, aval) -> RuleResult:
+  """∂y/∂z of an elementwise region y = fn(z) (z: operand `operand` of the equation
+  the factor is computed at): the diagonal factor fn'(z), from a JVP with ones."""
+  ndim = len(aval.shape)
+  structure = Structure(diagonal=tuple((a, a) for a in range(ndim)))
+
+  def factor(*ops):
+    z = jnp.asarray(ops[operand])
+    return jax.jvp(fn, (z,), (jnp.ones_like(z),))[1].astype(aval.dtype)
+  return RuleResult(structure, factor, (operand,))
 
 
 def _elementwise_custom(eqn) -> bool:

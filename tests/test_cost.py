@@ -138,6 +138,52 @@ def test_a_view_stops_before_a_weight_once_it_carries_a_per_example_factor():
                  1e-10)
 
 
+def _leaky(z):
+  return jnp.where(z > 0, z, 0.1 * z)
+
+
+def _tangled(z):  # an intermediate of the activation is also read outside it
+  t = jnp.tanh(z)
+  return z * t, t
+
+
+_ACTIVATIONS = {
+    "tanh-gelu": (lambda z: jax.nn.gelu(z, approximate=True), True),
+    "erf-gelu": (lambda z: jax.nn.gelu(z, approximate=False), True),
+    "silu": (jax.nn.silu, True),   # a jit call: linearised whole
+    "leaky": (_leaky, True),       # comparison + select inside the region
+    "tangled": (_tangled, False),  # two values leave: no region, cut at z
+}
+
+
+@pytest.mark.parametrize("name", [
+    n if n in ("tanh-gelu", "tangled") else pytest.param(n, marks=full)
+    for n in _ACTIVATIONS])
+def test_a_composite_activation_before_a_pool_is_one_diagonal_factor(name):
+  """A per-token MLP whose activation reads its input several times (a fan-out into an
+  elementwise region), then a down-projection and a mean over tokens: the first
+  weight's view goes through the region as one per-example diagonal factor (its JVP)
+  to f's output, instead of stopping at the fan-out. Exact against the oracle either
+  way; a region with two values read outside it is not one."""
+  act, linearised = _ACTIVATIONS[name]
+  params = {"w1": _normal((5, 12), 0) / 2, "b1": _normal((12,), 1) / 4,
+            "w2": _normal((12, 4), 2) / 3, "out": _normal((4, 3), 3) / 2}
+
+  def f(p, x):
+    h = act(x @ p["w1"] + p["b1"])
+    h, extra = h if isinstance(h, tuple) else (h, jnp.zeros_like(h))
+    pooled = (h @ p["w2"]).mean(axis=1) + jnp.sum(extra, axis=(1, 2))[:, None]
+    return pooled @ p["out"]
+
+  x1, x2 = _normal((3, 8, 5), 4), _normal((2, 8, 5), 5)
+  ntk_fn = nc.compile_ntk(f, method="structured", trace_axes=())
+  plan = ntk_fn.plan(params, x1, x2)
+  (use,) = plan.engine.uses_of(2)  # leaves: b1, out, w1, w2
+  assert (use.reason == "at an output of f") == linearised, use.reason
+  assert_matches(ntk_fn(params, x1, x2), oracle_ntk(f, params, x1, x2, trace_axes=()),
+                 1e-10)
+
+
 @pytest.mark.parametrize("threshold", [0, 2**40])
 def test_large_weights_take_x1_and_x2_through_f_as_one_batch(monkeypatch, threshold):
   """Past emit.MERGE_SIDES_FROM_BYTES of weights, one pass over x1 and x2 stacked gives
