@@ -59,7 +59,9 @@ specialises for a size-1 axis take the whole-batch path.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -97,12 +99,18 @@ class State:
   position along the batch axis ('p'); only a gather may read it).
   """
   axis: int | None = None
-  const: frozenset = frozenset()  # unbatched only: axes the value is constant along
+  # Unbatched: the axes the value is constant along. Batched: {axis} where the value is
+  # the same for every example (a constant broadcast over the batch, `_sized`); only
+  # `_masked_while` reads it, and loop carries drop it (`_fresh`).
+  const: frozenset = frozenset()
   mixed: str | None = None
   pos: int | None = None  # unbatched only: value[i...] = i[pos]
   never: bool = False  # every entry is False
   index: tuple | None = None  # batched only: 'b' / 'p' per entry of the last axis
   origin: str | None = None  # for messages: the equation positions come from
+  # A value number: values with equal keys are equal (`_keyed`). Not part of the
+  # state: loop carries and joins drop it.
+  key: int | None = dataclasses.field(default=None, compare=False)
 
 
 UNBATCHED = State()
@@ -160,7 +168,13 @@ def analyse(jaxpr, batched_invars: Sequence[bool]) -> Decision:
   return _analyse(compat.open_jaxpr(jaxpr), batched_invars, None)
 
 
-def _analyse(jaxpr, batched_invars: Sequence[bool], sizes: dict | None) -> Decision:
+def _analyse(jaxpr, batched_invars: Sequence[bool], sizes: dict | None,
+             traced=None) -> Decision:
+  _KEYS.clear()
+  _CONSTANTS.clear()
+  if traced is not None:
+    _constants(traced)
+  _library_rules()
   flags = [bool(b) for b in batched_invars]
   if len(flags) != len(jaxpr.invars):
     raise ValueError(f"batched_invars has {len(flags)} flags for a jaxpr with "
@@ -174,7 +188,12 @@ def _analyse(jaxpr, batched_invars: Sequence[bool], sizes: dict | None) -> Decis
   if len(batch_sizes) > 1:
     return Decision(False, "batched inputs disagree on the batch size: "
                            f"{sorted(batch_sizes)}")
-  return _verdict(_walk(jaxpr, [State(0) if b else UNBATCHED for b in flags], (), sizes))
+  return _verdict(_walk(jaxpr, _inputs(flags), (), sizes))
+
+
+def _inputs(flags: list[bool]) -> list[State]:
+  """f's inputs: batched on axis 0 or not, each its own value number."""
+  return [State(0 if b else None, key=_intern(("input", i))) for i, b in enumerate(flags)]
 
 
 def _verdict(outs: list[State]) -> Decision:
@@ -196,22 +215,92 @@ def _walk(jaxpr, in_states: Sequence[State], prefix: tuple,
   """The states of `jaxpr`'s outvars; constvars are unbatched. With `sizes` (from
   `_align`), every equation's outputs are also checked against the axes that have the
   batch size (`_sized`)."""
-  env: dict = {}
+  env: dict = {v: State(key=_CONSTANTS[id(v)] if id(v) in _CONSTANTS else
+                        _intern(("constvar", id(v)))) for v in jaxpr.constvars}
   for v, s in zip(jaxpr.invars, in_states):
     env[v] = s
-  read = lambda a: UNBATCHED if isinstance(a, compat.Literal) else env.get(a, UNBATCHED)
+  read = lambda a: _literal(a) if isinstance(a, compat.Literal) else env.get(a, UNBATCHED)
   for i, eqn in enumerate(jaxpr.eqns):
     path = prefix + (i,)
     ins = [State(mixed=f"{_where(eqn, path)} uses the batch size as a value")
            if sizes is not None and (path, "literal", j) in sizes else read(a)
            for j, a in enumerate(eqn.invars)]
-    outs = _apply(eqn, ins, path, sizes)
+    outs = _keyed(eqn, ins, _apply(eqn, ins, path, sizes))
     for v, s in zip(eqn.outvars, outs):
       if sizes is not None:
         axes = sizes.get((prefix, v))
-        s = _sized(_relabel(eqn, s, v, axes), axes, _where(eqn, path))
+        s = dataclasses.replace(_sized(_relabel(eqn, s, v, axes), axes,
+                                       _where(eqn, path)), key=s.key)
       env[v] = s
   return [read(v) for v in jaxpr.outvars]
+
+
+# Value numbers (`State.key`): an equation's outputs get a key from its primitive, its
+# params and its operands' keys, so two values with the same key were computed the same
+# way from the same values, and are equal (primitives are deterministic; equations with
+# effects get none). Identities (copy, stop_gradient, a conversion to the same dtype)
+# keep their operand's key; a call's outputs have the keys its body gives them. Loop
+# carries have none. Keys are interned as small integers, afresh for each analysis.
+
+_KEYS: dict = {}
+_CONSTANTS: dict = {}  # id(constvar) -> the key of its value, where known (`_constants`)
+
+
+def _constants(closed) -> None:
+  """Gives the constvars of a closed jaxpr the value numbers of their values."""
+  jaxpr, consts = _parts(closed)
+  consts = consts or []
+  if len(consts) != len(jaxpr.constvars):
+    return
+  for v, c in zip(jaxpr.constvars, consts):
+    try:
+      _CONSTANTS[id(v)] = _intern(("constant", _hashable(c)))
+    except TypeError:
+      pass
+
+
+def _intern(structure) -> int:
+  return _KEYS.setdefault(structure, len(_KEYS))
+
+
+def _literal(a) -> State:
+  value = np.asarray(a.val)
+  never = value.dtype == np.bool_ and not value.any()
+  return State(never=bool(never), key=_intern(
+      ("literal", str(value.dtype), value.shape, value.tobytes())))
+
+
+def _hashable(v):
+  if _is_jaxpr(v) or callable(v):
+    return ("object", id(v))
+  if isinstance(v, (tuple, list)):
+    return (type(v).__name__,) + tuple(map(_hashable, v))
+  if isinstance(v, dict):
+    return ("dict",) + tuple(sorted((k, _hashable(x)) for k, x in v.items()))
+  if isinstance(v, (np.ndarray, jax.Array)):
+    a = np.asarray(v)
+    return ("array", str(a.dtype), a.shape, a.tobytes())
+  if isinstance(v, (float, complex, np.inexact)):
+    return ("number", type(v).__name__, repr(v))
+  hash(v)
+  return v
+
+
+def _keyed(eqn, ins: list[State], outs: list[State]) -> list[State]:
+  """`outs` with their value numbers (see above)."""
+  if eqn.effects or any(s.key is None for s in ins):
+    return outs
+  if eqn.primitive in _VALUE_IDENTITIES and len(ins) == 1 and len(outs) == 1 and (
+      eqn.invars[0].aval.dtype == eqn.outvars[0].aval.dtype
+      and _shape(eqn.invars[0]) == _shape(eqn.outvars[0])):
+    return [dataclasses.replace(outs[0], key=ins[0].key)]
+  try:
+    params = _hashable(eqn.params)
+  except TypeError:
+    return outs
+  operands = tuple(s.key for s in ins)
+  return [o if o.key is not None else dataclasses.replace(
+      o, key=_intern((eqn.primitive, params, operands, j))) for j, o in enumerate(outs)]
 
 
 def _relabel(eqn, s: State, v, axes) -> State:
@@ -235,23 +324,28 @@ def _apply(eqn, ins: list[State], path: tuple, sizes: dict | None) -> list[State
   where = _where(eqn, path)
   if (eqn.primitive is lax.select_n_p and len(ins) == 3 and ins[0].never
       and _shape(eqn.invars[1]) == _shape(eqn.outvars[0])):
-    return [ins[1]]  # the predicate is False everywhere: case 0, whatever case 1 is
+    return [dataclasses.replace(ins[1], key=None)]  # the predicate is False everywhere:
+    # case 0, whatever case 1 is
+  rule = _RULES.get(eqn.primitive)
+  if rule is None and (compat.call_body(eqn) is not None or eqn.primitive in _CUSTOM):
+    rule = _call  # walked even with mixed operands: its outputs that do not read them
+    # (a loop's trip count passed along with the results) keep their states
   mixed = next((s for s in ins if s.mixed is not None), None)
-  if mixed is not None:
+  if mixed is not None and rule is not _call:
     return [mixed] * n
   if any(s.index is not None for s in ins) and eqn.primitive is not lax.gather_p:
     return [State(mixed=f"{where} uses positions along the batch axis other than as "
                         "the index of a gather")] * n
-  rule = _RULES.get(eqn.primitive)
-  if rule is None and (compat.call_body(eqn) is not None or eqn.primitive in _CUSTOM):
-    rule = _call
   if rule is None:
     if all(s.axis is None for s in ins):
       return [UNBATCHED] * n
     rule = _derived
-  sub = lambda jaxpr, states: _walk(jaxpr, states, path, sizes)
+  sub = lambda jaxpr, states, sized=True: _walk(jaxpr, states, path,
+                                                 sizes if sized else None)
   try:
     outs = rule(eqn, ins, sub)
+    if rule is not _call:  # only a call's outputs are values its body computed
+      outs = [dataclasses.replace(o, key=None) for o in outs]
   except _Mixes as e:
     return [State(mixed=f"{where} {e}")] * n
   except (KeyError, AttributeError, IndexError, TypeError, ValueError) as e:
@@ -296,7 +390,12 @@ def _sized(s: State, axes: frozenset | str | None, where: str) -> State:
     source = f": positions from {s.origin}" if s.origin else ""
     return State(mixed=f"{where} builds a value from the batch size that varies along "
                        f"its axis {k} (a position-dependent constant{source})")
-  return State(k, never=s.never)
+  return State(k, never=s.never, const=frozenset({k}))  # batched, and equal along k
+
+
+_VALUE_IDENTITIES = frozenset(p for p in (
+    _prim("copy"), _prim("convert_element_type"), compat.stop_gradient_primitive())
+                                if p is not None)
 
 
 # Helpers shared by the rules.
@@ -383,12 +482,29 @@ def _elementwise(eqn, ins, sub):
   if any(len(_shape(x)) not in (0, len(out)) for x in eqn.invars):
     raise _Mixes("has operands of unexpected rank")
   ops = range(len(ins))
+  never = _never(eqn, ins)
   k = _common_axis(eqn, ins, ops)
   if k is None:
-    return [State(const=_common_const(eqn, ins, ops, len(out)))] * len(eqn.outvars)
+    return [State(const=_common_const(eqn, ins, ops, len(out)), never=never)] * len(
+        eqn.outvars)
   if any(_shape(x)[k] != out[k] for x, s in zip(eqn.invars, ins) if s.axis == k):
     raise _Mixes(f"broadcasts the batch axis {k}")
-  return [State(k)] * len(eqn.outvars)
+  return [State(k, never=never)] * len(eqn.outvars)
+
+
+def _never(eqn, ins) -> bool:
+  """Whether a boolean result is False everywhere: `and` with an operand that is,
+  `or` or a select of operands that all are, a copy of one."""
+  if eqn.outvars[0].aval.dtype != np.bool_:
+    return False
+  p = eqn.primitive
+  if p is lax.and_p:
+    return any(s.never for s in ins)
+  if p is lax.or_p or p in _VALUE_IDENTITIES:
+    return all(s.never for s in ins)
+  if p is lax.select_n_p:
+    return all(s.never for s in ins[1:])
+  return False
 
 
 @_register(("device_put", "optimization_barrier"))
@@ -416,11 +532,11 @@ def _broadcast_in_dim(eqn, ins, sub):
     new = frozenset(range(len(out))) - set(dims)
     pos = dims[s.pos] if s.pos is not None and out[dims[s.pos]] == shape[s.pos] else None
     const = new | _map_const(s, shape, lambda a: dims[a])
-    return [State(const=const - {pos}, pos=pos)]
+    return [State(const=const - {pos}, pos=pos, never=s.never)]
   k = dims[s.axis]
   if out[k] != shape[s.axis]:
     raise _Mixes(f"expands the batch axis {s.axis} from size {shape[s.axis]}")
-  return [State(k)]
+  return [State(k, never=s.never)]
 
 
 def _reshape_axis(shape: tuple, out: tuple, a: int) -> int | None:
@@ -938,6 +1054,67 @@ def _same_aval(a, b) -> bool:
   return tuple(a.shape) == tuple(b.shape) and a.dtype == b.dtype
 
 
+# Equinox's primitives, when Equinox is imported (it is optional): looked up by their
+# objects, registered once (`_library_rules`).
+
+def _library_rules() -> None:
+  global _LIBRARY_DONE
+  if _LIBRARY_DONE or "equinox" not in sys.modules:
+    return
+  _LIBRARY_DONE = True
+  try:
+    internal = importlib.import_module("equinox.internal")
+    primitive = importlib.import_module("equinox.internal._primitive")
+  except Exception:  # noqa: BLE001 - another layout: no rules, the whole batch
+    return
+  for name in ("unvmap_any_p", "unvmap_all_p"):
+    if (p := getattr(internal, name, None)) is not None:
+      _RULES[p] = _unvmap
+      _VALUE_ONLY[p] = name[7:10]  # "any" / "all"
+  if (p := getattr(internal, "nonbatchable_p", None)) is not None:
+    _VALUE_ONLY[p] = "nonbatchable"
+  if (p := getattr(internal, "maybe_set_p", None)) is not None:
+    _VALUE_ONLY[p] = "maybe_set"
+  if (p := getattr(primitive, "_vprim_p", None)) is not None:
+    _RULES[p] = _vprim
+    _VALUE_ONLY[p] = "vprim"
+
+
+_LIBRARY_DONE = False
+_VALUE_ONLY: dict = {}  # Equinox's primitives, by role
+
+
+def _unvmap(eqn, ins, sub):
+  """Equinox's `unvmap_any` / `unvmap_all`: a reduction over every axis, the batch
+  included; per-example only where the operand does not depend on the batch. Of an
+  operand that is False everywhere (and not empty), both are False."""
+  s, = ins
+  if s.axis is not None:
+    raise _Mixes("reduces over the batch")
+  return [State(never=s.never and math.prod(_shape(eqn.invars[0])) > 0)]
+
+
+def _vprim(eqn, ins, sub):
+  """Equinox's `vprim`: `jax.vmap` of another primitive (`prim`, `params`) over
+  `__axis_size`, each operand mapped along its `__batch_axes` entry (None: passed
+  whole), every output on axis 0. Per-example where the mapped axes are the batch (or
+  constant along it) and the operands passed whole do not depend on the batch: row i
+  of the output is then the primitive of row i, as vmap computes it."""
+  axes = eqn.params["__batch_axes"]
+  if len(axes) != len(ins):
+    raise _Mixes("has a layout the pass cannot read")
+  batched = False
+  for b, s, v in zip(axes, ins, eqn.invars):
+    if b is None:
+      if s.axis is not None:
+        raise _Mixes("takes the whole batch into each of its mapped calls")
+    elif s.axis == b:
+      batched = True
+    elif not _const_on(s, _shape(v), b):
+      raise _Mixes(f"maps an axis {b} that is not the batch axis of its operand")
+  return [State(0) if batched else State(const=frozenset({0}))] * len(eqn.outvars)
+
+
 # Calls and control flow.
 
 _CUSTOM = compat.custom_derivative_primitives()
@@ -947,11 +1124,15 @@ def _call(eqn, ins, sub):
   """jit, closed_call, remat, custom_jvp / custom_vjp: walk the (primal) body."""
   body = compat.call_body(eqn)
   if body is not None:
+    _constants(_Trace(*body))
     return sub(body[0], ins)
   bodies = [j for j in compat.sub_jaxprs(eqn)
             if len(j.invars) == len(ins) and len(j.outvars) == len(eqn.outvars)]
   if len(bodies) != 1:
     raise _Mixes("has no body the pass can read")
+  for value in eqn.params.values():
+    if _is_jaxpr(value) and compat.open_jaxpr(value) is bodies[0]:
+      _constants(value)
   return sub(bodies[0], ins)
 
 
@@ -969,7 +1150,8 @@ def _linear_solve(eqn, ins, sub):
     consts, start = ins[start:start + n], start + n
     if j is None:
       continue
-    for o, s in zip(sub(compat.open_jaxpr(j), consts + b), b):
+    keyless = [dataclasses.replace(s, key=None) for s in consts + b]  # b: any vector
+    for o, s in zip(sub(compat.open_jaxpr(j), keyless), b):
       if o.mixed is not None:
         raise _Mixes(f"has a function where examples meet: {o.mixed}")
       if o.axis != s.axis:
@@ -981,21 +1163,23 @@ def _join(a: State, b: State, shape: tuple) -> State:
   """A state that covers both a and b (loop carries, branch outputs)."""
   if a.mixed is not None or b.mixed is not None:
     return a if a.mixed is not None else b
+  never = a.never and b.never
   if a.axis is None and b.axis is None:
-    return State(const=a.const & b.const)
+    return State(const=a.const & b.const, never=never)
   if a.axis is not None and b.axis is not None:
     if a.axis != b.axis:
       raise _Mixes(f"moves the batch axis from {a.axis} to {b.axis} across iterations "
                    "or branches")
-    return a
+    return _fresh(dataclasses.replace(a, never=never))
   s, k = (b, a.axis) if a.axis is not None else (a, b.axis)
   if not _const_on(s, shape, k):
     raise _Mixes(f"joins the batch axis {k} with a constant that varies along it")
-  return State(k)
+  return State(k, never=never)
 
 
 def _fixed_point(body, consts: list, carry: list, xs: list, shapes: list, sub):
   """Carry states that the body maps into themselves, and the body's outputs there."""
+  carry = [_fresh(c) for c in carry]  # not the initial values
   for _ in range(4 * len(carry) + 8):
     outs = sub(body, consts + carry + xs)
     new = [_join(c, o, s) for c, o, s in zip(carry, outs, shapes)]
@@ -1003,6 +1187,13 @@ def _fixed_point(body, consts: list, carry: list, xs: list, shapes: list, sub):
       return carry, outs[len(carry):]
     carry = new
   raise _Mixes("has a loop carry whose batching does not settle")
+
+
+def _fresh(s: State) -> State:
+  """`s` for a value that may differ from the one it came from (a loop carry): no value
+  number; a batched one not known to be the same for every example."""
+  return dataclasses.replace(s, key=None,
+                             const=s.const if s.axis is None else frozenset())
 
 
 def _drop_leading(s: State) -> State:
@@ -1044,12 +1235,174 @@ def _while(eqn, ins, sub):
   carry, _ = _fixed_point(body, ins[nc:nc + nb], init, [], shapes, sub)
   pred, = sub(cond, ins[:nc] + carry)
   if pred.mixed is not None:
+    masked = _masked_while(eqn, ins, carry, sub)
+    if masked is not None:
+      return masked
     raise _Mixes(f"has a loop condition where examples meet: {pred.mixed}")
   if pred.axis is None:
     return carry
   if not _shape(cond.outvars[0]):
     raise _Mixes("has a loop condition that depends on the batch")
   return _batched_while(eqn, ins, carry, pred.axis, sub)
+
+
+# A while that loops while any example's condition holds, each example kept by a
+# carried predicate of its own (Equinox's `while_loop`, which diffrax runs, under
+# `jax.vmap`; or the same written by hand with `jnp.any`):
+#
+#   cond:  any(c(carry)) [& g(unbatched carries)]
+#   body:  m' = m & c(new),  x' = select(m, new_x, x) for every carry x kept per example
+#
+# where c is per-example, g does not depend on the batch, and m is a carry. Then m
+# implies c at the start of every step after the first (the body ANDs it with c of the
+# values the step keeps), so an example whose condition is False is kept as it is, and
+# stays so (m stays False), whatever the others still do. If c does not depend on the
+# example at the start (every example starts at t0), the first step runs for all or
+# for none, as it would for each example alone. Carries that do not depend on the batch
+# (a step counter shared by all examples) count the same steps at every batch size, so
+# the body reads the same values in each step an example takes; only their final
+# values (the trip count) depend on the other examples, and are mixed.
+
+def _masked_while(eqn, ins, carry: list, sub) -> list | None:
+  """The carries' states if `eqn` has the form above and the proof goes through, None
+  if it has another form (see above)."""
+  p = eqn.params
+  nc, nb = p["cond_nconsts"], p["body_nconsts"]
+  if any(getattr(p[j], "effects", True) for j in ("cond_jaxpr", "body_jaxpr")):
+    return None
+  if any(c.mixed is not None for c in carry):
+    return None
+  body, cond = compat.open_jaxpr(p["body_jaxpr"]), compat.open_jaxpr(p["cond_jaxpr"])
+  _constants(p["body_jaxpr"])
+  _constants(p["cond_jaxpr"])
+  parts = _condition_parts(cond)
+  if parts is None:
+    return None
+  c, others = parts
+  probe = cond.replace(outvars=[c] + others)
+  c_state, *g_states = sub(probe, ins[:nc] + carry)
+  if c_state.mixed is not None or c_state.axis is None:
+    return None
+  k = c_state.axis
+  if any(g.mixed is not None or g.axis is not None for g in g_states):
+    raise _Mixes("has a loop condition whose part besides any(...) depends on the batch")
+  uniform = [State(const=frozenset({s.axis}), never=s.never)
+             if s.axis is not None and s.axis in s.const else _fresh(s)
+             for s in ins[:nc] + ins[nc + nb:]]
+  start, = sub(probe.replace(outvars=[c]), uniform, sized=False)
+  if not (start.mixed is None and start.axis is None
+          and (k in start.const or _shape(c)[k] == 1)):
+    raise _Mixes("has a condition any(c) where c depends on the example at the loop's "
+                 "start (its first step is not each example's own)")
+  for jm in range(len(carry)):
+    masks = _masks(body, nb, jm, k, carry, _shape(c))
+    if masks is None:
+      continue
+    cprime, new, kept = masks
+    keyed = [dataclasses.replace(s, key=_intern(("carry", id(eqn), j)))
+             for j, s in enumerate(carry)]
+    c_new, *new_states = sub(body.replace(outvars=[cprime] + new), ins[nc:nc + nb] + keyed)
+    if c_new.key is None or any(s.key is None for s in new_states):
+      continue
+    at_new = [dataclasses.replace(s, key=n.key) for s, n in zip(carry, new_states)]
+    c_again, = sub(probe.replace(outvars=[c]), ins[:nc] + at_new)
+    if c_again.key != c_new.key:
+      continue
+    return [s if kept[j] else State(mixed=(
+        "a loop carry that changes after the example's own loop ends" if s.axis is not None
+        else "a loop carry that counts steps taken for every example")) for j, s in
+            enumerate(carry)]
+  raise _Mixes("loops while any example's condition holds, without a carried predicate "
+               "m of the same shape with m' = m & condition(new values) that keeps "
+               "each example's carries")
+
+
+def _through(prod: dict, a):
+  """`a`, past copies and other identities (Equinox's `nonbatchable`)."""
+  while not isinstance(a, compat.Literal) and (e := prod.get(a)) is not None and (
+      (e.primitive in _VALUE_IDENTITIES and len(e.invars) == 1
+       and e.invars[0].aval.dtype == a.aval.dtype and _shape(e.invars[0]) == _shape(a))
+      or _VALUE_ONLY.get(e.primitive) == "nonbatchable"):
+    a = e.invars[0]
+  return a
+
+
+def _producers(jaxpr) -> dict:
+  return {v: e for e in jaxpr.eqns for v in e.outvars}
+
+
+def _condition_parts(cond):
+  """(c, [g...]) of a condition any(c) & g & ...; None for another form."""
+  prod = _producers(cond)
+  out = _through(prod, cond.outvars[0])
+  e = prod.get(out)
+  parts = [out] if e is None or e.primitive is not lax.and_p else [
+      _through(prod, a) for a in e.invars]
+  anys = [a for a in parts if _is_any(prod.get(a))]
+  if len(anys) != 1 or any(isinstance(a, compat.Literal) for a in parts):
+    return None
+  return prod[anys[0]].invars[0], [a for a in parts if a is not anys[0]]
+
+
+def _is_any(e) -> bool:
+  """any(x) over every axis: Equinox's `unvmap_any`, or `reduce_or` over all axes."""
+  if e is None:
+    return False
+  if _VALUE_ONLY.get(e.primitive) == "any":
+    return True
+  return (e.primitive is lax.reduce_or_p
+          and tuple(sorted(e.params["axes"])) == tuple(range(len(_shape(e.invars[0])))))
+
+
+def _masks(body, nb: int, jm: int, k: int, carry: list, c_shape: tuple):
+  """With carry jm as the predicate m: (c' with m' = m & c', the atoms whose values the
+  carries take when m holds, which carries are kept where m is False), or None."""
+  prod = _producers(body)
+  ins, outs = body.invars[nb:], body.outvars
+  m = ins[jm]
+  if (carry[jm].axis != k or m.aval.dtype != np.bool_ or _shape(m) != c_shape):
+    return None
+  e = prod.get(_through(prod, outs[jm]))
+  if e is None or e.primitive is not lax.and_p:
+    return None
+  a, b = (_through(prod, x) for x in e.invars)
+  if m not in (a, b) or (a is m and b is m):
+    return None
+  cprime = b if a is m else a
+  new, kept = [], []
+  for j, out in enumerate(outs):
+    x = _through(prod, out)
+    e = prod.get(x)
+    if j == jm or x is ins[j]:
+      new.append(out)
+      kept.append(True)
+    elif (e is not None and e.primitive is lax.select_n_p and len(e.invars) == 3
+          and _through(prod, e.invars[1]) is ins[j]
+          and _is_mask(prod, e.invars[0], m, _shape(out)) and carry[j].axis == k):
+      new.append(e.invars[2])
+      kept.append(True)
+    elif (e is not None and _VALUE_ONLY.get(e.primitive) == "vprim"
+          and _VALUE_ONLY.get(e.params.get("prim")) == "maybe_set"
+          and len(e.invars) >= 2 and _through(prod, e.invars[0]) is m
+          and _through(prod, e.invars[1]) is ins[j]
+          and e.params["__batch_axes"][0] == k and carry[j].axis == k):
+      new.append(out)  # Equinox's buffer write: select(m, xs.at[i].set(x), xs)
+      kept.append(True)
+    else:
+      new.append(out)
+      kept.append(False)
+  return cprime, new, kept
+
+
+def _is_mask(prod: dict, pred, m, shape: tuple) -> bool:
+  """`pred` is m, or m broadcast along trailing axes to `shape`."""
+  pred = _through(prod, pred)
+  if pred is m:
+    return _shape(m) == shape
+  e = prod.get(pred)
+  return (e is not None and e.primitive is lax.broadcast_in_dim_p
+          and _through(prod, e.invars[0]) is m and _shape(pred) == shape
+          and tuple(e.params["broadcast_dimensions"]) == tuple(range(len(_shape(m)))))
 
 
 def _batched_while(eqn, ins, carry: list, k: int, sub) -> list:
@@ -1119,7 +1472,8 @@ class _Differs(Exception):
 _SHAPE_PARAMS = frozenset({
     "shape", "new_sizes", "start_indices", "limit_indices", "strides", "slice_sizes",
     "padding_config", "sizes", "window_dimensions", "window_strides", "padding",
-    "base_dilation", "window_dilation", "lhs_dilation", "rhs_dilation", "reps"})
+    "base_dilation", "window_dilation", "lhs_dilation", "rhs_dilation", "reps",
+    "__axis_size"})  # Equinox's vprim: the size of the axis it maps
 
 
 def _parts(traced) -> tuple[Any, list | None]:
@@ -1330,21 +1684,22 @@ def infer(trace_at: Callable[[int], Any], num_params: int, batch: int) -> Decisi
 
 
 def _decide(big, one, num_params: int, n: int) -> Decision:
+  _library_rules()
   flags = [i >= num_params for i in range(len(compat.open_jaxpr(big).invars))]
   one = _canonical_trace(one)
   try:
     sizes_big, sizes_one = _align(big, one, n)
   except _Differs as e:
-    outs = _walk(compat.open_jaxpr(big), [State(0) if b else UNBATCHED for b in flags],
+    outs = _walk(compat.open_jaxpr(big), _inputs(flags),
                  (), None)
     if any(o.mixed is not None for o in outs):
       return _verdict(outs)  # examples meet at N already: the more useful reason
     return Decision(False, f"not proven: f's program at batch size 1 (what the "
                            f"per-example path runs) differs from the one at {n}: {e}")
-  decision = _analyse(compat.open_jaxpr(big), flags, sizes_big)
+  decision = _analyse(compat.open_jaxpr(big), flags, sizes_big, big)
   if not decision.independent:
     return decision
-  at_one = _analyse(compat.open_jaxpr(one), flags, sizes_one)
+  at_one = _analyse(compat.open_jaxpr(one), flags, sizes_one, one)
   if not at_one.independent:
     return Decision(False, f"at batch size 1 (what the per-example path runs): "
                            f"{at_one.reason}")

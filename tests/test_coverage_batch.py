@@ -275,23 +275,116 @@ def test_loops_rebuilt_with_the_same_values_and_jvp(model):
   assert after[0] == after[1] > 0, after
 
 
-# diffrax: an adaptive solve vmapped over the examples. Equinox's while_loop reduces
-# the condition over the batch (unvmap_any) and masks each example's steps by a carried
-# predicate that the analysis cannot relate to the condition (docs/custom_rules.md):
-# whole batch, exact; per-example and exact when the user says so.
+# A while that loops while any example's condition holds, each example kept by a
+# carried predicate m (Equinox's while_loop under vmap, which diffrax runs), written by
+# hand: cond any(c(carry)) & (step < max); body m' = m & c(new), x' = select(m, new, x).
 
-def _diffrax_model():
+def _step(w, t, y):
+  dt = 0.1 + 0.05 * jnp.tanh(jnp.sum(y * y, -1))  # steps past t = 1 still move y
+  return t + dt, y + dt[:, None] * jnp.tanh(y @ w)
+
+
+def masked_loop(w, y0, *, mask_y=True, c_body=lambda t: t < 1.0, and_m=True,
+                start=None, mix=False, counter_out=False, cond_extra=None):
+  n = y0.shape[0]
+  c = lambda t: t < 1.0
+  t0 = jnp.zeros(n) if start is None else start
+
+  def cond(s):
+    step, m, t, y = s
+    out = jnp.any(c(t)) & (step < 40)
+    return out if cond_extra is None else out & cond_extra(s)
+
+  def body(s):
+    step, m, t, y = s
+    t_new, y_new = _step(w, t, y)
+    if mix:
+      y_new = y_new + 0.01 * jnp.mean(y, 0)
+    m_new = (m & c_body(t_new)) if and_m else c_body(t_new)
+    t = lax.select(m, t_new, t)  # as JAX's vmap of Equinox's select writes it
+    y = lax.select(lax.broadcast_in_dim(m, y.shape, (0,)), y_new, y) if mask_y else y_new
+    return step + 1, m_new, t, y
+  step, _, _, y = lax.while_loop(cond, body, (0, c(t0), t0, y0))
+  return (y, step) if counter_out else y
+
+
+def _loop_model(**kw):
+  def f(p, x):
+    out = masked_loop(p["w"], x, **kw)
+    if kw.get("counter_out"):
+      return out[0] @ p["o"] * out[1]
+    return out @ p["o"]
+  return f
+
+
+MASKED = {"w": rand(3, 3) / 2, "o": rand(3, 2, seed=1)}
+X_STEPS = rand(4, 3, seed=2) * jnp.array([[0.1], [1.0], [3.0], [6.0]])
+
+
+def test_masked_while_is_per_example():
+  f = _loop_model()
+  d = decide(f, MASKED, X_STEPS)
+  assert d.independent, d.reason
+  whole = f(MASKED, X_STEPS)
+  for i in range(X_STEPS.shape[0]):  # what the proof says: each row is its own loop's
+    np.testing.assert_array_equal(f(MASKED, X_STEPS[i:i + 1])[0], whole[i])
+
+
+MASKED_MIXING = {
+    "carry_not_masked": dict(mask_y=False),
+    "other_condition_in_body": dict(c_body=lambda t: t < 2.0),
+    "predicate_not_kept": dict(and_m=False),
+    "condition_per_example_at_start": dict(start=jnp.array([0.0, 0.5, 0.9, 0.2])),
+    "body_reads_batch_mean": dict(mix=True),
+    "step_count_returned": dict(counter_out=True),
+    "condition_reads_batch": dict(cond_extra=lambda s: jnp.sum(s[3]) < 100.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MASKED_MIXING))
+def test_masked_while_that_mixes(name):
+  d = decide(_loop_model(**MASKED_MIXING[name]), MASKED, X_STEPS)
+  assert not d.independent, d.reason
+
+
+def test_masked_while_unsound_forms_differ_per_example():
+  """Two of the forms refused above: rows of the batch differ from each example's own
+  loop (so refusing them is needed, not only cautious)."""
+  for name in ("carry_not_masked", "other_condition_in_body"):
+    f = _loop_model(**MASKED_MIXING[name])
+    whole = f(MASKED, X_STEPS)
+    rows = jnp.concatenate([f(MASKED, X_STEPS[i:i + 1]) for i in range(4)])
+    assert not np.allclose(rows, whole), name
+
+
+# diffrax: adaptive solves vmapped over the examples. With a solver that does not reuse
+# its last stage (Heun) and throw=False, Equinox's while_loop is the masked while above:
+# per-example, proven. Tsit5 (first same as last) recomputes its first stage for every
+# example when any example's step was rejected (unvmap_any in the body), and throw=True
+# checks the result over the whole batch: whole batch, exact; per-example and exact
+# when the user says so (docs/custom_rules.md).
+
+def _diffrax_model(solver="Tsit5", throw=True, rtol=1e-8):
   diffrax = pytest.importorskip("diffrax")
   term = diffrax.ODETerm(lambda t, y, w: jnp.tanh(y @ w))
-  controller = diffrax.PIDController(rtol=1e-8, atol=1e-8)
+  controller = diffrax.PIDController(rtol=rtol, atol=rtol)
 
   def solve(w, y0):
-    return diffrax.diffeqsolve(term, diffrax.Tsit5(), 0.0, 1.0, 0.1, y0, args=w,
-                               stepsize_controller=controller, max_steps=64).ys[-1]
+    return diffrax.diffeqsolve(term, getattr(diffrax, solver)(), 0.0, 1.0, 0.1, y0,
+                               args=w, stepsize_controller=controller, max_steps=128,
+                               throw=throw).ys[-1]
   return jax.jit(lambda p, x: jax.vmap(lambda xi: solve(p["w"], xi) @ p["o"])(x))
 
 
 DIFFRAX = {"w": rand(3, 3) / 2, "o": rand(3, 2, seed=1)}
+
+
+@full
+def test_diffrax_adaptive_solve_per_example():
+  f = _diffrax_model("Heun", throw=False, rtol=1e-3)
+  x = X_STEPS[1:]  # 9, 7 and 8 steps
+  e = check(f, DIFFRAX, x, method="jacobian")
+  assert "proven" in e.batch.reason, e.batch.reason
 
 
 @full
