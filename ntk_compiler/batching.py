@@ -17,6 +17,11 @@ other primitive's fact is derived from JAX's own batching rule (`_derived`): whe
 equation is per-example, since that is what vmap computes. So a primitive added to JAX
 or a user's primitive with a batching rule needs no entry here. The lookup
 `x[arange(N), ids]` (each example's own row) is followed through positions (`State`).
+Loops: a while whose condition is batched (JAX's vmap of a data-dependent trip count,
+`_batched_while`), and one that loops while any example's condition holds with each
+example kept by a carried predicate (Equinox's `while_loop` under vmap, as diffrax runs
+it: `_masked_while`, which compares computations by value numbers, `State.key`).
+Equinox's own primitives are read when Equinox is imported (`_library_rules`).
 
 What is proven (`infer`). The per-example path computes row i of f(params, x) at batch
 size N as f(params, x[i:i+1])[0]: it runs f at N (ntk_vp's linearisation, shapes) and
@@ -243,6 +248,7 @@ def _walk(jaxpr, in_states: Sequence[State], prefix: tuple,
 # carries have none. Keys are interned as small integers, afresh for each analysis.
 
 _KEYS: dict = {}
+_STATEFUL = frozenset(p for p in (_prim("rng_uniform"),) if p is not None)  # no key
 _CONSTANTS: dict = {}  # id(constvar) -> the key of its value, where known (`_constants`)
 
 
@@ -288,7 +294,7 @@ def _hashable(v):
 
 def _keyed(eqn, ins: list[State], outs: list[State]) -> list[State]:
   """`outs` with their value numbers (see above)."""
-  if eqn.effects or any(s.key is None for s in ins):
+  if eqn.effects or eqn.primitive in _STATEFUL or any(s.key is None for s in ins):
     return outs
   if eqn.primitive in _VALUE_IDENTITIES and len(ins) == 1 and len(outs) == 1 and (
       eqn.invars[0].aval.dtype == eqn.outvars[0].aval.dtype

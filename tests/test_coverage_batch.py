@@ -367,7 +367,8 @@ def test_masked_while_unsound_forms_differ_per_example():
 def _diffrax_model(solver="Tsit5", throw=True, rtol=1e-8):
   diffrax = pytest.importorskip("diffrax")
   term = diffrax.ODETerm(lambda t, y, w: jnp.tanh(y @ w))
-  controller = diffrax.PIDController(rtol=rtol, atol=rtol)
+  controller = (diffrax.ConstantStepSize() if rtol is None else
+                diffrax.PIDController(rtol=rtol, atol=rtol))
 
   def solve(w, y0):
     return diffrax.diffeqsolve(term, getattr(diffrax, solver)(), 0.0, 1.0, 0.1, y0,
@@ -385,6 +386,10 @@ def test_diffrax_adaptive_solve_per_example():
   x = X_STEPS[1:]  # 9, 7 and 8 steps
   e = check(f, DIFFRAX, x, method="jacobian")
   assert "proven" in e.batch.reason, e.batch.reason
+  for g in (_diffrax_model("Midpoint", throw=False, rtol=1e-3),
+            _diffrax_model("Tsit5", rtol=None)):  # any solver at a constant step
+    d = decide(g, DIFFRAX, x)
+    assert d.independent, d.reason
 
 
 @full
