@@ -1217,10 +1217,11 @@ def reuse(ntk_fn, plan, tiling: Tiling, mesh) -> tuple[type | None, str]:
   block's side costs at least REUSE_MIN_SIDE_SHARE of a tile's contraction. On a mesh
   (a grid of tiles), each block's side is computed once split by examples over the
   devices and all-gathered in each tile that needs it, when every leaf of a side
-  splits by examples and one block's whole side plus two blocks' shards fit the
-  budget per device; jacobian and ntk_vp also need the cost share, per device (the
-  side each device recomputes in a tile, x2's whole block, against its rows of the
-  contraction)."""
+  splits by examples, one block's whole side plus two blocks' shards fit the
+  budget per device, and computing a side costs at least MESH_MIN_FLOPS_PER_BYTE
+  (for the devices' platform) per byte of it (else recomputing beats all-gathering);
+  jacobian and ntk_vp also need the cost share, per device (the side each device
+  recomputes in a tile, x2's whole block, against its rows of the contraction)."""
   kind = _KINDS.get(plan.method)
   if kind is None or tiling.mode == "whole" or (
       plan.method == "structured" and getattr(plan, "engine", None) is None):
@@ -1240,6 +1241,12 @@ def reuse(ntk_fn, plan, tiling: Tiling, mesh) -> tuple[type | None, str]:
     return None, (f"{recompute}: one block's, all-gathered ({_fmt(facts['whole'])}), "
                   f"and two blocks' shards exceed the budget per device "
                   f"({_fmt(facts['budget'])})")
+  intensity, platform = facts.get("intensity"), facts.get("platform")
+  least = MESH_MIN_FLOPS_PER_BYTE.get(platform, MESH_MIN_FLOPS_PER_BYTE[None])
+  if intensity is not None and intensity < least:
+    return None, (f"{recompute}: computing one block's costs {intensity:.3g} FLOPs per "
+                  f"byte of it, under MESH_MIN_FLOPS_PER_BYTE for {platform} "
+                  f"({least:g}): recomputing it beats all-gathering it")
   share = facts.get("share")
   if share is not None and share < REUSE_MIN_SIDE_SHARE:
     return None, (f"{recompute}: one block's costs {share:.2g}x a tile's contraction"
@@ -1277,9 +1284,24 @@ def _measure(ntk_fn, plan, kind, tiling: Tiling, mesh) -> dict:
     if blocks.layout(1) is None or blocks.layout(2) is None:
       return dict(facts, unsplit=True)
     facts["whole"], facts["shard"] = blocks.side_bytes(2, b2)
+    side = _flops(blocks._side_fn(2).lower(
+        blocks.params, _block_shapes(blocks._template(2), b2)))
+    facts["intensity"] = side / max(facts["whole"], 1)
+    facts["platform"] = mesh.devices.flat[0].platform
   if kind is not _Sides:
     facts["share"] = blocks.side_share(tiling.block1 // d, b2)
   return facts
+
+
+# On a mesh, a kept side is all-gathered in every tile that needs it instead of being
+# recomputed there: that pays only when computing it costs more FLOPs per byte of it
+# than the device's FLOP rate over its all-gather bandwidth. Rough balances (not
+# measured on multi-accelerator machines): a GPU at ~60 TFLOP/s in float32 over
+# ~450 GB/s of NVLink; CPU devices copy at ~10 GB/s per core against ~50-100
+# GFLOP/s. Per-example Jacobians (and ntk_vp's cotangents) of an MLP cost about 1
+# FLOP per byte: recomputed; a conv net's, and the structured method's cotangents of
+# wide layers (~100 on a 3x256 MLP), more.
+MESH_MIN_FLOPS_PER_BYTE = {"cpu": 8.0, "gpu": 128.0, "tpu": 128.0, None: 128.0}
 
 
 def _blocks(ntk_fn, plan, params, tiling: Tiling, mesh) -> _Blocks | None:

@@ -505,8 +505,9 @@ _KEPT = textwrap.dedent("""
     scale._blocks = record
     zoo = {{"mlp": models.mlp(), "cnn": models.cnn(),
            "transformer": models_structured.transformer(2, causal=True)}}
-    for name, method, n1, n2, share, memory, computed in {cases}:
+    for name, method, n1, n2, share, intensity, memory, computed in {cases}:
       scale.REUSE_MIN_SIDE_SHARE = share
+      scale.MESH_MIN_FLOPS_PER_BYTE["cpu"] = intensity
       model = zoo[name]
       params, x1, x2 = model.draw(0, n1, n2 or n1, jnp.float64)
       x2 = None if n2 is None else x2
@@ -522,8 +523,9 @@ _KEPT = textwrap.dedent("""
                                         dtype=kernel.dtype, shape=kernel.shape)
         assert ntk_fn(params, x1, x2, out=out) is out
         np.testing.assert_array_equal(np.load(f"{{directory}}/kernel.npy"), kernel)
-      if computed is None:  # recomputed per tile, and the estimate says why
+      if isinstance(computed, str):  # recomputed per tile; the estimate says why
         assert blocks is None and "recomputes" in est.reuse, est.reuse
+        assert computed in est.reuse, est.reuse
         continue
       assert "computed once, split over the 8 devices" in est.reuse, est.reuse
       assert blocks.evaluations == computed, (name, method, blocks.evaluations)
@@ -537,24 +539,28 @@ _KEPT = textwrap.dedent("""
     print("OK", len({cases}))
 """)
 
-# (model, method, n1, n2 (None: x2 omitted), REUSE_MIN_SIDE_SHARE, max_memory, sides
-# computed (None: recomputed per tile)). Blocks of 8 examples, one per device: 3 blocks
-# of x1 (x2 given: 3 of x2, 7 examples padded to 8), so 9 tiles (6 with x2 omitted),
-# which would compute 18 (9) sides without keeping them.
-KEPT_CASES = [("mlp", "jacobian", 24, None, 0.0, None, 3),
-              ("mlp", "jacobian", 24, 20, 0.0, None, 6),
-              ("mlp", "ntk_vp", 24, None, 0.0, None, 3),
-              ("mlp", "ntk_vp", 24, 20, 0.0, None, 3),
-              ("mlp", "structured", 24, None, 0.5, None, 3),
-              ("mlp", "structured", 24, 20, 0.5, None, 6),
-              ("cnn", "jacobian", 16, None, 0.5, None, 2),
-              ("cnn", "ntk_vp", 16, 12, 0.0, None, 2),
-              ("transformer", "structured", 16, 12, 0.5, None, 4),
-              ("transformer", "ntk_vp", 16, None, 0.0, None, 2),
+# (model, method, n1, n2 (None: x2 omitted), REUSE_MIN_SIDE_SHARE,
+# MESH_MIN_FLOPS_PER_BYTE on CPU, max_memory, sides computed (or recomputed per tile:
+# the reason estimate() gives)). Blocks of 8 examples, one per device: 3 blocks of x1 (x2 given: 3 of x2, 7
+# examples padded to 8), so 9 tiles (6 with x2 omitted), which would compute 18 (9)
+# sides without keeping them. The test models are small: their sides cost a few FLOPs
+# per byte, so most cases lower the thresholds to test the mechanism.
+KEPT_CASES = [("mlp", "jacobian", 24, None, 0.0, 0.0, None, 3),
+              ("mlp", "jacobian", 24, 20, 0.0, 0.0, None, 6),
+              ("mlp", "ntk_vp", 24, None, 0.0, 0.0, None, 3),
+              ("mlp", "ntk_vp", 24, 20, 0.0, 0.0, None, 3),
+              ("mlp", "structured", 24, None, 0.5, 0.0, None, 3),
+              ("mlp", "structured", 24, 20, 0.5, 0.0, None, 6),
+              ("cnn", "jacobian", 16, None, 0.5, 0.0, None, 2),
+              ("cnn", "ntk_vp", 16, 12, 0.0, 0.0, None, 2),
+              ("transformer", "structured", 16, 12, 0.5, 0.0, None, 4),
+              ("transformer", "ntk_vp", 16, None, 0.0, 0.0, None, 2),
               # the cost rule: a side too cheap against the contraction is recomputed
-              ("mlp", "jacobian", 16, None, 1e9, None, None),
+              ("mlp", "jacobian", 16, None, 1e9, 0.0, None, "REUSE_MIN_SIDE_SHARE"),
+              # an MLP's Jacobians (~1 FLOP per byte): recomputing beats gathering
+              ("mlp", "jacobian", 16, None, 0.0, 8.0, None, "beats all-gathering"),
               # the budget: one block's side gathered does not fit, so recomputed
-              ("mlp", "structured", 16, None, 0.5, 1000, None)]
+              ("mlp", "structured", 16, None, 0.5, 0.0, 1000, "exceed the budget")]
 
 
 @full
@@ -587,6 +593,9 @@ _PROCESS = textwrap.dedent("""
     sys.path.insert(0, "tests")
     import models
     import ntk_compiler as nc
+    from ntk_compiler import scale
+    # The test MLP's sides cost a few FLOPs per byte: kept and all-gathered anyway.
+    scale.MESH_MIN_FLOPS_PER_BYTE["cpu"] = 0.0
     assert jax.process_count() == 2 and len(jax.devices()) == 4, jax.devices()
     assert len(jax.local_devices()) == 2
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("examples",))
@@ -607,7 +616,6 @@ _PROCESS = textwrap.dedent("""
     v = np.arange(11.0)
     np.save(f"{{directory}}/matvec{{process}}.npy", ntk_fn.matvec(params, x1, None, v))
     # Without out=: the whole kernel on every process (gathered across processes).
-    from ntk_compiler import scale
     scale.REUSE_MIN_SIDE_SHARE = 0.0  # kept sides, all-gathered across the processes
     for name, method, trace, diagonal, symmetric in {cases}:
       ntk_fn = nc.compile_ntk(model.f, method=method, trace_axes=trace,
