@@ -182,7 +182,9 @@ class NTKFunction:
     estimated above it, or with `block_size=`, `devices=` or `out=`, runs in tiles
     (sharded over the devices) and returns NumPy arrays on the host; `out=` (a
     writable NumPy array, e.g. `np.lib.format.open_memmap`, or a pytree of them like
-    the kernels) receives the kernel tile by tile and is returned. docs/scale.md.
+    the kernels) receives the kernel tile by tile and is returned. On a Mesh spanning
+    several processes, without `out=` every process returns the whole kernel.
+    docs/scale.md.
     """
     kernel = scale.call(self, params, x1, x2, out)
     if self.validate:  # raises ValidationError: the kernel is not returned
@@ -222,8 +224,9 @@ class NTKFunction:
     return validate_lib.verify(self, params, x1, x2, kernel, seed)
 
   def estimate(self, params: Any, x1: Any, x2: Any = None) -> scale.ScaleEstimate:
-    """FLOPs and peak bytes of a call, per tile and in total, and the tiling it would
-    use, from shapes alone (nothing runs). `print()` it for a one-line summary."""
+    """FLOPs and peak bytes of a call, per tile and in total, the tiling it would
+    use and whether each block's side is kept for the tiles or recomputed (and why),
+    from shapes alone (nothing runs). `print()` it for a one-line summary."""
     return scale.estimate(self, params, x1, x2)
 
   def matvec(self, params: Any, x1: Any, x2: Any, v: Any) -> Any:
