@@ -335,8 +335,8 @@ class _Builder:
       elif rule is None and eqn.primitive in rules_lib.NONLINEAR:  # a user's rule wins
         stop = (f"before {eqn.primitive} (nonlinear)", False)
       elif _elementwise_custom(eqn):
-        stop = (f"before {eqn.primitive} (elementwise; its own derivative rule is used)",
-                False)
+        kind = "elementwise; " if _diagonal_custom(eqn) else ""
+        stop = (f"before {eqn.primitive} ({kind}its own derivative rule is used)", False)
       elif rule is None:
         stop = (f"before {eqn.primitive}: no rule for it", True)
       else:
@@ -502,7 +502,7 @@ _POOL_SHAPES = frozenset(getattr(lax, f"{n}_p") for n in (
 def _linearisable(eqn, operand: int) -> bool:
   """An elementwise nonlinearity whose derivative in `operand` is a diagonal factor."""
   if len(eqn.outvars) != 1 or not (
-      eqn.primitive in _SMOOTH or _elementwise_custom(eqn)
+      eqn.primitive in _SMOOTH or _diagonal_custom(eqn)
       or compat.call_body(eqn) is not None and _pointwise(eqn, eqn.outvars[0].aval.shape)):
     return False
   shape = eqn.outvars[0].aval.shape
@@ -544,7 +544,8 @@ def _pools(var, readers: dict, dep: dict, steps: int = 6) -> bool:
 
 def _linearised(eqn, operand: int) -> RuleResult:
   """∂y/∂w of an elementwise y = g(..., w, ...) at the forward values: the diagonal
-  factor g'(w), from a JVP of the equation with a tangent of ones in `operand`."""
+  factor g'(w), from the equation's VJP with a cotangent of ones (its Jacobian in
+  `operand` is diagonal; a VJP also serves custom_vjp activations)."""
   ndim = len(eqn.outvars[0].aval.shape)
   structure = Structure(diagonal=tuple((a, a) for a in range(ndim)))
   dtype = eqn.outvars[0].aval.dtype
@@ -553,9 +554,14 @@ def _linearised(eqn, operand: int) -> RuleResult:
     ops = [jnp.asarray(o) for o in ops]
     def g(w):
       return compat.bind_eqn(eqn, ops[:operand] + [w] + ops[operand + 1:])[0]
-    w = ops[operand]
-    return jax.jvp(g, (w,), (jnp.ones_like(w),))[1].astype(dtype)
+    return _diagonal_of(g, ops[operand], dtype)
   return RuleResult(structure, factor, tuple(range(len(eqn.invars))))
+
+
+def _diagonal_of(g, w, dtype):
+  """The diagonal of the (diagonal) Jacobian of g at w: its VJP of ones."""
+  y, pull = jax.vjp(g, w)
+  return pull(jnp.ones_like(y))[0].astype(dtype)
 
 
 # Elementwise primitives an activation is composed of (with the smooth ones and the
@@ -576,7 +582,7 @@ def _pointwise(eqn, shape) -> bool:
     return False
   if any(tuple(getattr(a.aval, "shape", ())) not in (shape, ()) for a in eqn.invars):
     return False
-  if eqn.primitive in _ELEMENTWISE or _elementwise_custom(eqn):
+  if eqn.primitive in _ELEMENTWISE or _diagonal_custom(eqn):
     return True
   body = compat.call_body(eqn)
   return body is not None and all(_pointwise(e, shape) for e in body[0].eqns)
@@ -651,9 +657,59 @@ def _region_linearised(fn, operand: int, aval) -> RuleResult:
   structure = Structure(diagonal=tuple((a, a) for a in range(ndim)))
 
   def factor(*ops):
-    z = jnp.asarray(ops[operand])
-    return jax.jvp(fn, (z,), (jnp.ones_like(z),))[1].astype(aval.dtype)
+    return _diagonal_of(fn, jnp.asarray(ops[operand]), aval.dtype)
   return RuleResult(structure, factor, (operand,))
+
+
+_DIAGONAL: dict = {}  # id(eqn) -> (eqn, whether its own derivative is diagonal)
+_DIAGONAL_KEPT = 512
+
+
+def _diagonal_custom(eqn) -> bool:
+  """A custom-derivative call mapping arrays of one shape to one (relu, a user's
+  activation) whose derivative, by its own rule, is diagonal: its VJP program, traced
+  at the call's shapes, is made of elementwise equations only. Shapes alone do not
+  show it: a custom_jvp cumulative sum keeps them."""
+  if not _elementwise_custom(eqn):
+    return False
+  if id(eqn) not in _DIAGONAL:
+    if len(_DIAGONAL) >= _DIAGONAL_KEPT:
+      _DIAGONAL.clear()
+    _DIAGONAL[id(eqn)] = (eqn, _traced_diagonal(eqn))
+  return _DIAGONAL[id(eqn)][1]
+
+
+def _traced_diagonal(eqn) -> bool:
+  out = eqn.outvars[0].aval
+  ops = [jax.ShapeDtypeStruct(a.aval.shape, a.aval.dtype) for a in eqn.invars]
+
+  def program(ops, ct):
+    y, pull = jax.vjp(lambda *o: compat.bind_eqn(eqn, list(o))[0], *ops)
+    return y, pull(ct)
+  try:
+    traced = jax.make_jaxpr(program)(ops, jax.ShapeDtypeStruct(out.shape, out.dtype))
+  except Exception:  # noqa: BLE001 (not differentiable this way: keep it opaque)
+    return False
+  return _diagonal_program(compat.open_jaxpr(traced), tuple(out.shape))
+
+
+# Besides the elementwise primitives: what a VJP program adds without mixing elements.
+_FILLS = frozenset({lax.broadcast_in_dim_p, prims.add_jaxvals_p, _STOP_GRADIENT})
+
+
+def _diagonal_program(jaxpr, shape) -> bool:
+  """Whether every equation of `jaxpr` (and of its bodies) maps arrays of `shape` and
+  scalars elementwise, so that its outputs depend on its inputs element by element."""
+  for eqn in jaxpr.eqns:
+    if any(tuple(getattr(a.aval, "shape", ())) not in (shape, ())
+           for a in list(eqn.invars) + list(eqn.outvars)):
+      return False
+    if eqn.primitive in _ELEMENTWISE or eqn.primitive in _FILLS:
+      continue
+    subs = list(compat.sub_jaxprs(eqn))
+    if not subs or not all(_diagonal_program(sub, shape) for sub in subs):
+      return False
+  return True
 
 
 def _elementwise_custom(eqn) -> bool:

@@ -184,6 +184,45 @@ def test_a_composite_activation_before_a_pool_is_one_diagonal_factor(name):
                  1e-10)
 
 
+@jax.custom_jvp
+def _cumulative(z):  # keeps the shape, mixes elements
+  return jnp.tanh(jnp.cumsum(z, axis=-1))
+
+
+@_cumulative.defjvp
+def _cumulative_jvp(primals, tangents):
+  y = _cumulative(primals[0])
+  return y, (1 - y ** 2) * jnp.cumsum(tangents[0], axis=-1)
+
+
+@jax.custom_vjp
+def _halved(z):  # an elementwise custom_vjp: no forward mode
+  return jnp.tanh(z)
+
+
+_halved.defvjp(lambda z: (jnp.tanh(z), jnp.tanh(z)),
+               lambda y, g: (0.5 * g * (1 - y ** 2),))
+
+
+@pytest.mark.parametrize("act, diagonal", [(_cumulative, False), (_halved, True)])
+def test_a_custom_derivative_before_a_pool_is_linearised_only_if_diagonal(act, diagonal):
+  """A custom-derivative call that keeps its operand's shape is linearised before a
+  pooling head only when its own derivative rule is elementwise (its VJP program,
+  traced, is): a custom_jvp cumulative sum is cut before instead (its diagonal would
+  be wrong), and a custom_vjp activation is linearised by a VJP (no forward mode)."""
+  params = {"w": _normal((5, 12), 0) / 3, "v": _normal((12, 3), 1)}
+
+  def f(p, x):
+    return act(x @ p["w"]).sum(axis=1)[:, None] * p["v"][0, :]
+
+  x1, x2 = _normal((3, 5), 2), _normal((2, 5), 3)
+  ntk_fn = nc.compile_ntk(f, method="structured", trace_axes=())
+  (use,) = ntk_fn.plan(params, x1, x2).engine.uses_of(1)  # leaves: v, w
+  assert (use.reason == "at an output of f") == diagonal, use.reason
+  assert_matches(ntk_fn(params, x1, x2), oracle_ntk(f, params, x1, x2, trace_axes=()),
+                 1e-10)
+
+
 @pytest.mark.parametrize("threshold", [0, 2**40])
 def test_large_weights_take_x1_and_x2_through_f_as_one_batch(monkeypatch, threshold):
   """Past emit.MERGE_SIDES_FROM_BYTES of weights, one pass over x1 and x2 stacked gives
