@@ -231,6 +231,7 @@ def _uses(e, name):
   return leaf.uses
 
 
+@full
 def test_custom_jvp_in_scan_body():
   e = check(scan_model, JVP_LOOPS, rand(3, 5, 3, seed=3), rand(2, 5, 3, seed=4))
   assert all("dot_general" in u.steps for u in _uses(e, "'w'")), _uses(e, "'w'")
@@ -285,7 +286,7 @@ def _step(w, t, y):
 
 
 def masked_loop(w, y0, *, mask_y=True, c_body=lambda t: t < 1.0, and_m=True,
-                start=None, mix=False, counter_out=False, cond_extra=None):
+                start=None, mix=False, counter_out=False, cond_extra=None, c_old=False):
   n = y0.shape[0]
   c = lambda t: t < 1.0
   t0 = jnp.zeros(n) if start is None else start
@@ -300,7 +301,7 @@ def masked_loop(w, y0, *, mask_y=True, c_body=lambda t: t < 1.0, and_m=True,
     t_new, y_new = _step(w, t, y)
     if mix:
       y_new = y_new + 0.01 * jnp.mean(y, 0)
-    m_new = (m & c_body(t_new)) if and_m else c_body(t_new)
+    m_new = (m & c_body(t if c_old else t_new)) if and_m else c_body(t_new)
     t = lax.select(m, t_new, t)  # as JAX's vmap of Equinox's select writes it
     y = lax.select(lax.broadcast_in_dim(m, y.shape, (0,)), y_new, y) if mask_y else y_new
     return step + 1, m_new, t, y
@@ -338,6 +339,7 @@ MASKED_MIXING = {
     "body_reads_batch_mean": dict(mix=True),
     "step_count_returned": dict(counter_out=True),
     "condition_reads_batch": dict(cond_extra=lambda s: jnp.sum(s[3]) < 100.0),
+    "predicate_of_old_values": dict(c_old=True),
 }
 
 
@@ -355,6 +357,34 @@ def test_masked_while_unsound_forms_differ_per_example():
     whole = f(MASKED, X_STEPS)
     rows = jnp.concatenate([f(MASKED, X_STEPS[i:i + 1]) for i in range(4)])
     assert not np.allclose(rows, whole), name
+
+
+def _eqx_loop(kind):
+  eqxi = pytest.importorskip("equinox.internal")
+
+  def one(w, y0):
+    def body(s):
+      t, y = _step(w, s[0][None], s[1][None])
+      return t[0], y[0]
+    return eqxi.while_loop(lambda s: s[0] < 1.0, body, (0.0, y0), max_steps=40,
+                           kind=kind)[1]
+  return lambda p, x: jax.vmap(lambda xi: one(p["w"], xi) @ p["o"])(x)
+
+
+@pytest.mark.parametrize("kind", ["lax", "checkpointed"])
+def test_equinox_while_loop_is_per_example(kind):
+  f = _eqx_loop(kind)
+  d = decide(f, MASKED, X_STEPS)
+  assert d.independent, d.reason
+  whole = f(MASKED, X_STEPS)
+  for i in range(X_STEPS.shape[0]):
+    np.testing.assert_array_equal(f(MASKED, X_STEPS[i:i + 1])[0], whole[i])
+
+
+@full
+def test_equinox_checkpointed_while_loop_against_the_oracle():
+  e = check(_eqx_loop("checkpointed"), MASKED, X_STEPS[1:], method="jacobian")
+  assert "proven" in e.batch.reason, e.batch.reason
 
 
 # diffrax: adaptive solves vmapped over the examples. With a solver that does not reuse
