@@ -57,8 +57,9 @@ custom_vjp params) are taken to be as batch independent as the primal body they 
 A gather that JAX specialises for a size-1 batch (`jnp.take_along_axis` at N = 1: the
 index's batch axis reshaped out, with the index vector axis appended for an index of
 rank 2 or more, the operand's gathered as a window of size 1) is compared and analysed
-in the batching form it has at N (`_canonical_trace`), which computes the same array. Not proven although per-example: other programs that JAX
-specialises for a size-1 axis take the whole-batch path.
+in the batching form it has at N (`_canonical_trace`), which computes the same array.
+Not proven although per-example: other programs that JAX specialises for a size-1 axis
+take the whole-batch path.
 """
 
 from __future__ import annotations
@@ -198,7 +199,8 @@ def _analyse(jaxpr, batched_invars: Sequence[bool], sizes: dict | None,
 
 def _inputs(flags: list[bool]) -> list[State]:
   """f's inputs: batched on axis 0 or not, each its own value number."""
-  return [State(0 if b else None, key=_intern(("input", i))) for i, b in enumerate(flags)]
+  return [State(0 if b else None, key=_intern(("input", i)))
+          for i, b in enumerate(flags)]
 
 
 def _verdict(outs: list[State]) -> Decision:
@@ -224,7 +226,8 @@ def _walk(jaxpr, in_states: Sequence[State], prefix: tuple,
                         _intern(("constvar", id(v)))) for v in jaxpr.constvars}
   for v, s in zip(jaxpr.invars, in_states):
     env[v] = s
-  read = lambda a: _literal(a) if isinstance(a, compat.Literal) else env.get(a, UNBATCHED)
+  read = lambda a: (_literal(a) if isinstance(a, compat.Literal)
+                    else env.get(a, UNBATCHED))
   for i, eqn in enumerate(jaxpr.eqns):
     path = prefix + (i,)
     ins = [State(mixed=f"{_where(eqn, path)} uses the batch size as a value")
@@ -1307,7 +1310,8 @@ def _masked_while(eqn, ins, carry: list, sub) -> list | None:
     cprime, new, kept = masks
     keyed = [dataclasses.replace(s, key=_intern(("carry", id(eqn), j)))
              for j, s in enumerate(carry)]
-    c_new, *new_states = sub(body.replace(outvars=[cprime] + new), ins[nc:nc + nb] + keyed)
+    c_new, *new_states = sub(body.replace(outvars=[cprime] + new),
+                             ins[nc:nc + nb] + keyed)
     if c_new.key is None or any(s.key is None for s in new_states):
       continue
     at_new = [dataclasses.replace(s, key=n.key) for s, n in zip(carry, new_states)]
@@ -1315,9 +1319,9 @@ def _masked_while(eqn, ins, carry: list, sub) -> list | None:
     if c_again.key != c_new.key:
       continue
     return [s if kept[j] else State(mixed=(
-        "a loop carry that changes after the example's own loop ends" if s.axis is not None
-        else "a loop carry that counts steps taken for every example")) for j, s in
-            enumerate(carry)]
+        "a loop carry that changes after the example's own loop ends"
+        if s.axis is not None else "a loop carry that counts steps taken for every "
+        "example")) for j, s in enumerate(carry)]
   raise _Mixes("loops while any example's condition holds, without a carried predicate "
                "m of the same shape with m' = m & condition(new values) that keeps "
                "each example's carries")
@@ -1823,7 +1827,8 @@ def _batching_gather(gather, reshape):
       new = dn._replace(offset_dims=offsets,
                         operand_batching_dims=tuple(x for x, _ in pairs),
                         start_indices_batching_dims=tuple(y for _, y in pairs))
-      return (gather.replace(invars=[gather.invars[0], indices] + list(gather.invars[2:]),
+      operands = [gather.invars[0], indices] + list(gather.invars[2:])
+      return (gather.replace(invars=operands,
                              params={**gather.params, "dimension_numbers": new}),
               new_reshape)
   return None
