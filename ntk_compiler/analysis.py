@@ -325,8 +325,8 @@ class _Builder:
       if not vs:
         continue
       results, linear = None, False
-      if (rule is None and _linearisable(eqn, operand)
-          and _pools(eqn.outvars[0], readers, dep)):
+      if (rule is None and len(eqn.outvars) == 1
+          and _pools(eqn.outvars[0], readers, dep) and _linearisable(eqn, operand)):
         # Before a pooling head (a reduction that shrinks the value): the view goes on
         # through g'(v), a per-example diagonal factor (the chain rule), and its cut
         # is taken past the reduction, where the cotangent is small.
@@ -514,8 +514,8 @@ def _linearisable(eqn, operand: int) -> bool:
 def _pooled_activation(eqn, readers: dict, dep: dict) -> bool:
   """A call of an elementwise function (jax.nn.silu is one) before a pooling head:
   linearised whole, as one nonlinearity, instead of inlined."""
-  return (len(eqn.outvars) == 1 and _linearisable(eqn, 0)
-          and _pools(eqn.outvars[0], readers, dep))
+  return (len(eqn.outvars) == 1 and _pools(eqn.outvars[0], readers, dep)
+          and _linearisable(eqn, 0))
 
 
 def _pools(var, readers: dict, dep: dict, steps: int = 6) -> bool:
