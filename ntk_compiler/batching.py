@@ -1386,10 +1386,10 @@ def _masks(body, nb: int, jm: int, k: int, carry: list, c_shape: tuple):
     if j == jm or x is ins[j]:
       new.append(out)
       kept.append(True)
-    elif (e is not None and e.primitive is lax.select_n_p and len(e.invars) == 3
-          and _through(prod, e.invars[1]) is ins[j]
-          and _is_mask(prod, e.invars[0], m, _shape(out)) and carry[j].axis == k):
-      new.append(e.invars[2])
+    elif ((parts := _select_parts(prod, x)) is not None and parts[1] is ins[j]
+          and _mask_root(prod, parts[0]) is m and parts[3] == _shape(out)
+          and carry[j].axis == k):
+      new.append(parts[2])
       kept.append(True)
     elif (e is not None and _VALUE_ONLY.get(e.primitive) == "vprim"
           and _VALUE_ONLY.get(e.params.get("prim")) == "maybe_set"
@@ -1404,15 +1404,43 @@ def _masks(body, nb: int, jm: int, k: int, carry: list, c_shape: tuple):
   return cprime, new, kept
 
 
-def _is_mask(prod: dict, pred, m, shape: tuple) -> bool:
-  """`pred` is m, or m broadcast along trailing axes to `shape`."""
-  pred = _through(prod, pred)
-  if pred is m:
-    return _shape(m) == shape
-  e = prod.get(pred)
-  return (e is not None and e.primitive is lax.broadcast_in_dim_p
-          and _through(prod, e.invars[0]) is m and _shape(pred) == shape
-          and tuple(e.params["broadcast_dimensions"]) == tuple(range(len(_shape(m)))))
+def _select_parts(prod: dict, x):
+  """(pred, case 0, case 1, pred's shape) of x = select_n(pred, case 0, case 1), written
+  here or in the body of a call (`jnp.where` is a jit), as atoms of this jaxpr (the
+  predicate past the broadcasts `_mask_root` follows); None for another form."""
+  e = None if isinstance(x, compat.Literal) else prod.get(x)
+  if e is None:
+    return None
+  if e.primitive is lax.select_n_p and len(e.invars) == 3:
+    return (e.invars[0], _through(prod, e.invars[1]), e.invars[2],
+            _shape(e.invars[0]))
+  body = compat.call_body(e)
+  if body is None:
+    return None
+  inner = body[0]
+  iprod = _producers(inner)
+  parts = _select_parts(iprod, _through(iprod, inner.outvars[list(e.outvars).index(x)]))
+  if parts is None:
+    return None
+  pred, case0, case1, shape = parts
+  pred = _mask_root(iprod, pred)
+  outer = dict(zip(inner.invars, e.invars))
+  if any(a not in outer for a in (pred, case0, case1)):
+    return None
+  return outer[pred], _through(prod, outer[case0]), outer[case1], shape
+
+
+def _mask_root(prod: dict, pred):
+  """`pred` past copies and broadcasts that keep its axes leading (m[:, None] broadcast
+  to a carry's shape): entry (i, ...) of the result is entry i of the root."""
+  while True:
+    pred = _through(prod, pred)
+    e = None if isinstance(pred, compat.Literal) else prod.get(pred)
+    if (e is None or e.primitive is not lax.broadcast_in_dim_p
+        or tuple(e.params["broadcast_dimensions"]) != tuple(range(len(_shape(
+            e.invars[0]))))):
+      return pred
+    pred = e.invars[0]
 
 
 def _batched_while(eqn, ins, carry: list, k: int, sub) -> list:

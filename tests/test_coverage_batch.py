@@ -286,7 +286,8 @@ def _step(w, t, y):
 
 
 def masked_loop(w, y0, *, mask_y=True, c_body=lambda t: t < 1.0, and_m=True,
-                start=None, mix=False, counter_out=False, cond_extra=None, c_old=False):
+                start=None, mix=False, counter_out=False, cond_extra=None, c_old=False,
+                where=False):
   n = y0.shape[0]
   c = lambda t: t < 1.0
   t0 = jnp.zeros(n) if start is None else start
@@ -302,6 +303,9 @@ def masked_loop(w, y0, *, mask_y=True, c_body=lambda t: t < 1.0, and_m=True,
     if mix:
       y_new = y_new + 0.01 * jnp.mean(y, 0)
     m_new = (m & c_body(t if c_old else t_new)) if and_m else c_body(t_new)
+    if where:  # as written by hand
+      return (step + 1, m_new, jnp.where(m, t_new, t),
+              jnp.where(m[:, None], y_new, y) if mask_y else y_new)
     t = lax.select(m, t_new, t)  # as JAX's vmap of Equinox's select writes it
     y = lax.select(lax.broadcast_in_dim(m, y.shape, (0,)), y_new, y) if mask_y else y_new
     return step + 1, m_new, t, y
@@ -322,8 +326,9 @@ MASKED = {"w": rand(3, 3) / 2, "o": rand(3, 2, seed=1)}
 X_STEPS = rand(4, 3, seed=2) * jnp.array([[0.1], [1.0], [3.0], [6.0]])
 
 
-def test_masked_while_is_per_example():
-  f = _loop_model()
+@pytest.mark.parametrize("where", [False, True])
+def test_masked_while_is_per_example(where):
+  f = _loop_model(where=where)
   d = decide(f, MASKED, X_STEPS)
   assert d.independent, d.reason
   whole = f(MASKED, X_STEPS)
@@ -340,6 +345,8 @@ MASKED_MIXING = {
     "step_count_returned": dict(counter_out=True),
     "condition_reads_batch": dict(cond_extra=lambda s: jnp.sum(s[3]) < 100.0),
     "predicate_of_old_values": dict(c_old=True),
+    "where_carry_not_masked": dict(where=True, mask_y=False),
+    "where_other_condition_in_body": dict(where=True, c_body=lambda t: t < 2.0),
 }
 
 
