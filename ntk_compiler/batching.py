@@ -68,6 +68,7 @@ import dataclasses
 import importlib
 import math
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -176,8 +177,7 @@ def analyse(jaxpr, batched_invars: Sequence[bool]) -> Decision:
 
 def _analyse(jaxpr, batched_invars: Sequence[bool], sizes: dict | None,
              traced=None) -> Decision:
-  _KEYS.clear()
-  _CONSTANTS.clear()
+  _TABLES.keys, _TABLES.constants = {}, {}
   if traced is not None:
     _constants(traced)
   _library_rules()
@@ -222,7 +222,8 @@ def _walk(jaxpr, in_states: Sequence[State], prefix: tuple,
   """The states of `jaxpr`'s outvars; constvars are unbatched. With `sizes` (from
   `_align`), every equation's outputs are also checked against the axes that have the
   batch size (`_sized`)."""
-  env: dict = {v: State(key=_CONSTANTS[id(v)] if id(v) in _CONSTANTS else
+  known = _constant_keys()
+  env: dict = {v: State(key=known[id(v)] if id(v) in known else
                         _intern(("constvar", id(v)))) for v in jaxpr.constvars}
   for v, s in zip(jaxpr.invars, in_states):
     env[v] = s
@@ -248,11 +249,18 @@ def _walk(jaxpr, in_states: Sequence[State], prefix: tuple,
 # way from the same values, and are equal (primitives are deterministic; equations with
 # effects get none). Identities (copy, stop_gradient, a conversion to the same dtype)
 # keep their operand's key; a call's outputs have the keys its body gives them. Loop
-# carries have none. Keys are interned as small integers, afresh for each analysis.
+# carries have none. Keys are interned as small integers, afresh for each analysis (and
+# per thread).
 
-_KEYS: dict = {}
+_TABLES = threading.local()  # keys: structure -> key; constants: id(constvar) -> key
 _STATEFUL = frozenset(p for p in (_prim("rng_uniform"),) if p is not None)  # no key
-_CONSTANTS: dict = {}  # id(constvar) -> the key of its value, where known (`_constants`)
+
+
+def _constant_keys() -> dict:
+  """id(constvar) -> the key of its value, where known (`_constants`)."""
+  if not hasattr(_TABLES, "constants"):
+    _TABLES.keys, _TABLES.constants = {}, {}
+  return _TABLES.constants
 
 
 def _constants(closed) -> None:
@@ -263,13 +271,15 @@ def _constants(closed) -> None:
     return
   for v, c in zip(jaxpr.constvars, consts):
     try:
-      _CONSTANTS[id(v)] = _intern(("constant", _hashable(c)))
+      _constant_keys()[id(v)] = _intern(("constant", _hashable(c)))
     except TypeError:
       pass
 
 
 def _intern(structure) -> int:
-  return _KEYS.setdefault(structure, len(_KEYS))
+  _constant_keys()  # the tables of this thread, created on first use
+  keys = _TABLES.keys
+  return keys.setdefault(structure, len(keys))
 
 
 def _literal(a) -> State:
@@ -1728,6 +1738,7 @@ def _decide(big, one, num_params: int, n: int) -> Decision:
   try:
     sizes_big, sizes_one = _align(big, one, n)
   except _Differs as e:
+    _TABLES.keys, _TABLES.constants = {}, {}
     outs = _walk(compat.open_jaxpr(big), _inputs(flags),
                  (), None)
     if any(o.mixed is not None for o in outs):
