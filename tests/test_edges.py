@@ -44,6 +44,12 @@ def conv_gap(p, x):  # SAME conv, global average pool: any image size
   return jnp.tanh(y).mean((1, 2)) @ p["v"]
 
 
+def strided_conv_sum(p, x):  # a strided SAME conv over a sequence of any length, summed
+  y = jax.lax.conv_general_dilated(x, p["k"], (2,), "SAME",
+                                   dimension_numbers=("NWC", "WIO", "NWC"))
+  return y.sum(1) * p["v"]
+
+
 @pytest.mark.parametrize("f, params, x1, x2", [
     (bag, {"w": _normal((2, 6), 1), "v": _normal((6, 3), 2)},
      _normal((4, 5, 2), 3), _normal((3, 1, 2), 4)),
@@ -55,7 +61,10 @@ def conv_gap(p, x):  # SAME conv, global average pool: any image size
                  jnp.array([[3], [10], [1]]), marks=full),
     (conv_gap, {"k": _normal((3, 3, 2, 4), 7), "v": _normal((4, 3), 8)},
      _normal((2, 5, 5, 2), 9), _normal((3, 1, 1, 2), 10)),
-], ids=["bag-5-vs-1", "bag-3-vs-4", "embeddings-5-vs-1", "conv-5x5-vs-1x1"])
+    (strided_conv_sum, {"k": _normal((2, 3, 1), 11), "v": _normal((2,), 12)},
+     _normal((2, 4, 3), 13), jnp.zeros((3, 0, 3))),
+], ids=["bag-5-vs-1", "bag-3-vs-4", "embeddings-5-vs-1", "conv-5x5-vs-1x1",
+        "strided-conv-4-vs-0"])
 @pytest.mark.parametrize("layout", [{}, pytest.param({"trace_axes": ()}, marks=full)],
                          ids=["trace", "full"])
 def test_x2_with_other_per_example_shapes(f, params, x1, x2, layout):

@@ -65,8 +65,10 @@ def _patches(eqn: EqnInfo, x, filter_shape):
                             zip(eqn.params["padding"], eqn.params["lhs_dilation"])]
   x = lax.pad(x, jnp.zeros((), x.dtype), pads)
   strides, rhs_dilation = eqn.params["window_strides"], eqn.params["rhs_dilation"]
-  out_sp = [(x.shape[2 + j] - (filter_shape[j] - 1) * rhs_dilation[j] - 1) // strides[j] + 1
-            for j in range(nsp)]
+  out_sp = [max(0, (x.shape[2 + j] - (filter_shape[j] - 1) * rhs_dilation[j] - 1)
+                 // strides[j] + 1) for j in range(nsp)]
+  if 0 in out_sp:  # an empty output (a sequence of length 0): no window to slice
+    return jnp.zeros((x.shape[0], *filter_shape, x.shape[1], *out_sp), x.dtype)
   taps = []
   for offset in np.ndindex(*filter_shape):
     start = [0, 0] + [o * d for o, d in zip(offset, rhs_dilation)]
