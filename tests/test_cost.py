@@ -184,6 +184,30 @@ def test_a_composite_activation_before_a_pool_is_one_diagonal_factor(name):
                  1e-10)
 
 
+@pytest.mark.parametrize("x2_given", [True, pytest.param(False, marks=full)])
+def test_a_class_token_slice_is_a_pooling_head(x2_given):
+  """A ViT's last MLP (tanh-GELU, down-projection, residual) read only at its class
+  token, then layer-normed: the first MLP weight's view reaches the token's slice
+  through the GELU region, and the kernel is exact with x2 given or omitted."""
+  params = {"w1": _normal((4, 10), 0) / 2, "w2": _normal((10, 4), 1) / 3,
+            "g": 1 + _normal((4,), 2) / 10, "out": _normal((4, 3), 3) / 2}
+
+  def f(p, x):
+    h = x + jax.nn.gelu(x @ p["w1"], approximate=True) @ p["w2"]
+    t = h[:, 0]
+    t = (t - t.mean(-1, keepdims=True)) / jnp.sqrt(t.var(-1, keepdims=True) + 1e-5)
+    return (t * p["g"]) @ p["out"]
+
+  x1, x2 = _normal((3, 9, 4), 4), _normal((2, 9, 4), 5) if x2_given else None
+  ntk_fn = nc.compile_ntk(f, method="structured", trace_axes=())
+  (use,) = ntk_fn.plan(params, x1, x2).engine.uses_of(2)  # leaves: g, out, w1, w2
+  steps = use.view.steps
+  assert any("elementwise region" in s for s in steps) and "slice" in steps, steps
+  assert use.cut.shape == (1, 4), use.cut.shape  # the class token, past the slice
+  assert_matches(ntk_fn(params, x1, x2), oracle_ntk(f, params, x1, x2, trace_axes=()),
+                 1e-10)
+
+
 @jax.custom_jvp
 def _cumulative(z):  # keeps the shape, mixes elements
   return jnp.tanh(jnp.cumsum(z, axis=-1))
