@@ -234,6 +234,9 @@ class _Builder:
     factor computed at `eqn` (the region's equation reading operand `k` first), and
     their cut is taken past the pool. Returns the views that stop here."""
     atom = eqn.invars[k]
+    # Views already taken through at an earlier operand of this equation (z * z) are
+    # gone from the value's views: they neither go through twice nor stop here.
+    live = [view for view in live if any(view is v for v in views[atom])]
     region = regions.of(atom)
     if region is None:
       return live

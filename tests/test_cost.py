@@ -152,12 +152,13 @@ _ACTIVATIONS = {
     "erf-gelu": (lambda z: jax.nn.gelu(z, approximate=False), True),
     "silu": (jax.nn.silu, True),   # a jit call: linearised whole
     "leaky": (_leaky, True),       # comparison + select inside the region
+    "square": (lambda z: z * z + jnp.tanh(z), True),  # one equation reads z twice
     "tangled": (_tangled, False),  # two values leave: no region, cut at z
 }
 
 
 @pytest.mark.parametrize("name", [
-    n if n in ("tanh-gelu", "tangled") else pytest.param(n, marks=full)
+    n if n in ("tanh-gelu", "tangled", "square") else pytest.param(n, marks=full)
     for n in _ACTIVATIONS])
 def test_a_composite_activation_before_a_pool_is_one_diagonal_factor(name):
   """A per-token MLP whose activation reads its input several times (a fan-out into an
