@@ -248,6 +248,38 @@ def test_a_custom_derivative_before_a_pool_is_linearised_only_if_diagonal(act, d
                  1e-10)
 
 
+@pytest.mark.parametrize("x2_given, per_example", [
+    (True, True), pytest.param(False, True, marks=full),
+    pytest.param(True, False, marks=full)])
+def test_materialised_traced_terms_contract_each_gradient_in_its_own_order(
+    monkeypatch, x2_given, per_example):
+  """A traced layout's materialised term takes each side's gradient in the order its
+  einsum produces it and contracts the two whole (emit._natural_gram): exact against
+  the oracle for every leaf of a CNN, materialised all, per example or whole batch."""
+  from ntk_compiler import emit
+  taken = []
+  natural, structured_ntk = emit._natural_gram, emit.structured_ntk
+  monkeypatch.setattr(emit, "_natural_gram",
+                      lambda *a: taken.append(natural(*a)) or taken[-1])
+  monkeypatch.setattr(emit, "structured_ntk", lambda *a: structured_ntk(
+      *a[:9], frozenset(range(len(a[2])))))
+  params = {"k1": _normal((3, 3, 2, 4), 0) / 3, "k2": _normal((3, 3, 4, 4), 1) / 5,
+            "out": _normal((4, 3), 2) / 2}
+
+  def f(p, x):
+    dn = ("NHWC", "HWIO", "NHWC")
+    h = jnp.tanh(jax.lax.conv_general_dilated(x, p["k1"], (1, 1), "SAME",
+                                              dimension_numbers=dn))
+    h = jax.lax.conv_general_dilated(h, p["k2"], (1, 1), "SAME", dimension_numbers=dn)
+    return jnp.tanh(h).mean((1, 2)) @ p["out"]
+
+  x1, x2 = _normal((3, 5, 5, 2), 3), _normal((2, 5, 5, 2), 4) if x2_given else None
+  ntk_fn = nc.compile_ntk(f, method="structured",
+                          batch_independent=None if per_example else False)
+  assert_matches(ntk_fn(params, x1, x2), oracle_ntk(f, params, x1, x2), 1e-10)
+  assert any(t is not None for t in taken)
+
+
 @pytest.mark.parametrize("threshold", [0, 2**40])
 def test_large_weights_take_x1_and_x2_through_f_as_one_batch(monkeypatch, threshold):
   """Past emit.MERGE_SIDES_FROM_BYTES of weights, one pass over x1 and x2 stacked gives
