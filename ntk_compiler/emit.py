@@ -382,8 +382,8 @@ def _natural_gram(plan1, plan2, u: Use, v: Use, side1, side2, symmetric, k, layo
   keeps the product's order in memory and copies each gradient to contract it (on a
   ResNet: six copies of 6 MB per call). None where this does not apply."""
   s1, s2, result = layout.indices()
-  if (set(result) != set(s1) ^ set(s2) or u.view.base or v.view.base
-      or _complex(u) or _complex(v)):
+  if (s1[1:] != s2[1:] or result != [s1[0], s2[0]] or s1[0] == s2[0]
+      or u.view.base or v.view.base or _complex(u) or _complex(v)):
     return None
   g1 = _natural_gradient(plan1, u, side1, k, layout, shapes[0], per_example)
   g2 = g1 if symmetric else _natural_gradient(plan2, v, side2, k, layout, shapes[1],
