@@ -526,12 +526,15 @@ def _pools(var, readers: dict, dep: dict, steps: int = 6) -> bool:
   a value `_POOL_SHRINK` times smaller or more: a global average pool, a mean over
   tokens, a class token's slice, past elementwise linear equations, reshapes and
   shrinking products with a weight (a transformer MLP's down-projection)."""
-  size = math.prod(var.aval.shape)
+  size, pooled = math.prod(var.aval.shape), False
   for _ in range(steps):
     found = readers.get(var, [])
     if len(found) != 1 or found[0] is None or len(found[0].outvars) != 1:
       return False
     eqn, out = found[0], found[0].outvars[0]
+    # A product with a weight alone is no pool (an MLP's output layer): the value must
+    # be summed or sliced on the way.
+    pooled = pooled or eqn.primitive in (lax.reduce_sum_p, lax.slice_p)
     smaller = math.prod(out.aval.shape) < math.prod(var.aval.shape)
     weight = (eqn.primitive is lax.dot_general_p and smaller
               and not any(dep.get(a, True) for a in eqn.invars
@@ -539,7 +542,7 @@ def _pools(var, readers: dict, dep: dict, steps: int = 6) -> bool:
     if not (weight or eqn.primitive in _POOL_SHAPES
             or eqn.primitive in _POOL_PATH and out.aval.shape == var.aval.shape):
       return False
-    if math.prod(out.aval.shape) * _POOL_SHRINK <= size:
+    if pooled and math.prod(out.aval.shape) * _POOL_SHRINK <= size:
       return True
     var = out
   return False

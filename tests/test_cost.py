@@ -185,6 +185,20 @@ def test_a_composite_activation_before_a_pool_is_one_diagonal_factor(name):
                  1e-10)
 
 
+def test_an_output_layer_is_no_pooling_head():
+  """An MLP's last hidden layer meets only the output weight (a shrinking product, no
+  sum or slice): its view stops before the nonlinearity as before (linearising it cost
+  an MLP's tiles 15x the FLOPs)."""
+  params = {"w0": _normal((6, 16), 0) / 3, "w1": _normal((16, 3), 1) / 4}
+
+  def f(p, x):
+    return jax.nn.relu(x @ p["w0"]) @ p["w1"]
+
+  x1 = _normal((4, 6), 2)
+  (use,) = nc.compile_ntk(f, method="structured").plan(params, x1).engine.uses_of(0)
+  assert use.reason != "at an output of f", use.reason
+
+
 @pytest.mark.parametrize("x2_given", [True, pytest.param(False, marks=full)])
 def test_a_class_token_slice_is_a_pooling_head(x2_given):
   """A ViT's last MLP (tanh-GELU, down-projection, residual) read only at its class
