@@ -178,26 +178,7 @@ def test_batching_rule_with_copies_and_a_broadcast_operand():
 # bodies), so a parameter's view goes through the JVP's contractions; the reversed
 # matmul's JVP negates its derivative (following its primal body would be wrong).
 
-@jax.custom_jvp
-def custom_matmul(x, w):
-  return x @ w
-
-
-@custom_matmul.defjvp
-def _custom_matmul_jvp(primals, tangents):
-  (x, w), (tx, tw) = primals, tangents
-  return custom_matmul(x, w), tx @ w + x @ tw
-
-
-@jax.custom_jvp
-def reversed_matmul(x, w):
-  return x @ w
-
-
-@reversed_matmul.defjvp
-def _reversed_matmul_jvp(primals, tangents):
-  (x, w), (tx, tw) = primals, tangents
-  return reversed_matmul(x, w), -(tx @ w + x @ tw)
+from test_coverage import custom_matmul, reversed_matmul  # noqa: E402
 
 
 def scan_model(p, x):  # x: (N, T, D)
