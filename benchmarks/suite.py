@@ -11,7 +11,9 @@ over a basis of the output space ("vp-base"). Each candidate is lowered (for our
 and planned) and compiled, timed separately ("first call" = lower + compile), checked
 against XLA's buffer sizes, run once (warm-up: its time, the resident-memory growth and
 its kernel, compared with the jacrev baseline's), then all candidates run in interleaved
-rounds (the order rotating) and the median is reported. Achieved GFLOP/s use XLA's FLOP
+rounds (the order rotating) and the median is reported. Between two calls the harness
+waits, untimed, until the process stops handing memory back (`_settle`): a call timed
+while XLA still unmaps the previous call's buffers measures that candidate's neighbour. Achieved GFLOP/s use XLA's FLOP
 count of the compiled program (a loop body counted once) and are set against this
 machine's float32 matmul rate, measured at startup.
 
@@ -230,6 +232,7 @@ class Candidate:
         start = time.perf_counter()
         self.kernel = np.asarray(_block(compiled(*self.args)))
         r["first_run_ms"] = (time.perf_counter() - start) * 1e3
+      _settle()
       r["rss_growth_bytes"] = peak.growth
       self.compiled = compiled
     except Exception as e:  # noqa: BLE001 (an OOM or any failure: record, go on)
@@ -244,6 +247,33 @@ class Candidate:
     except Exception as e:  # noqa: BLE001
       self.record["error"] = _error(e)
       self.compiled = None
+    _settle()
+
+
+def _resident_pages() -> int | None:
+  try:
+    with open("/proc/self/statm") as f:
+      return int(f.read().split()[1])
+  except OSError:  # not Linux: nothing to wait for
+    return None
+
+
+def _settle(quiet_polls: int = 3, poll_s: float = 0.005, limit_s: float = 5.0) -> None:
+  """Waits (untimed) until the process stops giving memory back to the system.
+
+  XLA unmaps a call's buffers after the call returns, on its own threads: after the
+  jacrev baseline of the MLP W=2048 row (~5 GB of per-example Jacobians) resident
+  memory falls for ~0.4 s, and a call timed in that window runs behind the unmapping
+  (every page fault waits on it): 413-741 ms instead of 37-42 ms, sys time 0.36-0.47 s.
+  Each timed call starts once resident memory has not fallen for `quiet_polls` polls,
+  whichever candidate ran before it.
+  """
+  start, last, quiet = time.perf_counter(), _resident_pages(), 0
+  while last is not None and quiet < quiet_polls and time.perf_counter() - start < limit_s:
+    time.sleep(poll_s)
+    now = _resident_pages()
+    quiet = quiet + 1 if now >= last else 0
+    last = now
 
 
 def _ours(model, method, kernel, same_x):
