@@ -910,7 +910,9 @@ def leaf_costs(plan1: Plan, plan2: Plan, leaf: int, layout, shape1, shape2,
              + operands(plan2, v, s2, shape2, "2", labels, per_example))
       pairwise += contraction_flops(ops, result, grouped=True)
   w_size = math.prod(plan1.leaf_shapes[leaf])
-  materialised = math.prod(layout.kernel_shape(shape1, shape2)) * layout.trace_size(
+  # The Gram of the two sides' gradients: a multiply and an add per term, counted as
+  # opt_einsum counts the pairwise einsums (two per term summed)
+  materialised = 2 * math.prod(layout.kernel_shape(shape1, shape2)) * layout.trace_size(
       shape1) * w_size
   for plan, uses, side, shape in ((plan1, uses1, s1, shape1), (plan2, uses2, s2, shape2)):
     if symmetric and plan is plan2:

@@ -57,6 +57,36 @@ def jaxpr_family_flops(jaxpr) -> dict[str, int]:
   return total
 
 
+def loop_reads(jaxpr, num_inputs: int) -> dict[int, int]:
+  """{input index: trips}: how many times a loop body reads each of the first
+  `num_inputs` inputs of `jaxpr` (the parameters), for inputs a `scan` body reads
+  (through calls too). A reverse pass adds each such input's cotangent once per trip:
+  per example and output entry under vmap(jacrev), an array the size of the input
+  read and written every step."""
+  found: dict[int, int] = {}
+
+  def walk(jaxpr, index: dict, trips: int) -> None:
+    jaxpr = compat.open_jaxpr(jaxpr)
+    for eqn in jaxpr.eqns:
+      subs = list(compat.sub_jaxprs(eqn))
+      if not subs:
+        continue
+      inner_trips = trips * compat.trip_count(eqn)
+      for sub in subs:
+        if len(sub.invars) != len(eqn.invars):
+          continue  # a body whose inputs are not the equation's (while's cond / body)
+        inner = {v: index[a] for v, a in zip(sub.invars, eqn.invars)
+                 if not isinstance(a, compat.Literal) and a in index}
+        if inner_trips > 1:
+          for i in inner.values():
+            found[i] = max(found.get(i, 1), inner_trips)
+        walk(sub, inner, inner_trips)
+
+  jaxpr = compat.open_jaxpr(jaxpr)
+  walk(jaxpr, {v: i for i, v in enumerate(jaxpr.invars[:num_inputs])}, 1)
+  return found
+
+
 def jaxpr_flops(jaxpr) -> int:
   """Approximate FLOPs of one evaluation of a jaxpr, sub-jaxprs included."""
   return sum(jaxpr_family_flops(jaxpr).values())
