@@ -23,6 +23,7 @@ def test_calibration_measures_positive_rates_and_caches_them(tmp_path, monkeypat
   monkeypatch.setenv("NTK_COMPILER_CACHE", str(tmp_path))
   monkeypatch.setenv("NTK_COMPILER_CALIBRATE", "1")
   monkeypatch.setattr(cost, "_MACHINES", {})
+  monkeypatch.setattr(cost, "_others_share", lambda *a: 0.0)  # a quiet machine
   measured = cost.machine("cpu")
   assert measured.measured and measured.backend == "cpu"
   for name in cost._RATES:
@@ -31,6 +32,27 @@ def test_calibration_measures_positive_rates_and_caches_them(tmp_path, monkeypat
   monkeypatch.setattr(cost, "_MACHINES", {})
   monkeypatch.setattr(cost, "_calibrate", lambda backend: pytest.fail("not cached"))
   assert cost.machine("cpu") == measured  # read back from the disk cache
+
+
+def test_rates_measured_beside_other_work_are_not_cached(tmp_path, monkeypatch):
+  """Other processes used over BUSY_SHARE of the CPU while the rates were measured:
+  this process uses them, the next one measures again."""
+  monkeypatch.setenv("NTK_COMPILER_CACHE", str(tmp_path))
+  monkeypatch.setenv("NTK_COMPILER_CALIBRATE", "1")
+  monkeypatch.setattr(cost, "_MACHINES", {})
+  shares = []
+  real = cost._others_share
+  monkeypatch.setattr(cost, "_others_share", lambda *a: shares.append(real(*a)) or 0.5)
+  measured = cost.machine("cpu")
+  assert measured.measured and list(tmp_path.iterdir()) == []
+  assert shares[0] is None or 0.0 <= shares[0] <= 1.0
+  assert cost.machine("cpu") is measured  # kept in memory for this process
+
+
+def test_others_share_from_cpu_ticks():
+  assert cost._others_share((100, 50, 10), (200, 120, 20)) == pytest.approx(0.2)
+  assert cost._others_share((100, 50, 10), (200, 150, 60)) == 0.0
+  assert cost._others_share(None, (200, 150, 60)) is None
 
 
 def test_defaults_when_calibration_is_off(monkeypatch):
