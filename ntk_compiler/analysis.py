@@ -855,22 +855,47 @@ def without_unit_sums(ops: list[Operand], out) -> list[Operand]:
           o.labels) & unit else o for o in ops]
 
 
-def contraction_flops(ops: list[Operand], out, grouped: bool = False) -> int:
+def group_key(group: list[Operand], group_out, tags) -> tuple:
+  """A key equal for two groups that compute the same array (as emit's memo keys
+  them): operands (side tag, kind, id) in a canonical order, labels renamed by first
+  appearance."""
+  order = sorted(range(len(group)), key=lambda i: (
+      tags[i], group[i].kind, group[i].id, len(group[i].labels)))
+  names: dict = {}
+  canon = lambda l: names.setdefault(l, len(names))
+  operands = tuple((tags[i], group[i].kind, group[i].id,
+                    tuple(canon(l) for l in group[i].labels)) for i in order)
+  return operands, tuple(canon(l) for l in group_out)
+
+
+def contraction_flops(ops: list[Operand], out, grouped: bool = False,
+                      tags: list | None = None, seen: set | None = None) -> int:
   """FLOPs of contracting `ops` to the labels `out`, one-hot factors matched or
   scattered where they can be. `grouped`: as the pair terms are emitted, each group
   of operands joined by summed labels contracted on its own and the groups multiplied
   (emit._contract with a memo); one einsum of every operand can take a far worse
-  order (a width-512 output layer at 2048 examples: 4.3e11 FLOPs against 5e9)."""
+  order (a width-512 output layer at 2048 examples: 4.3e11 FLOPs against 5e9). With
+  `tags` (each operand's side) and `seen` (the keys of groups already counted), a
+  group another term computed is free, as emit's memo makes it."""
   ops = match_one_hots(ops, set(out))
   hot = scattered_one_hot(ops, out)
   if hot is None and grouped and all(o.kind != "mask" and o.one_hot is None
                                      for o in ops):
     sizes = _sizes(ops)
-    groups = summed_groups(without_unit_sums(ops, out), out)
-    if len(groups) > 1:
-      parts = [contraction_flops(g, [l for l in out if any(l in o.labels for o in g)])
-               for g in groups]
-      return sum(parts) + (len(groups) - 1) * math.prod(sizes[l] for l in out)
+    trimmed = without_unit_sums(ops, out)
+    groups = summed_groups(trimmed, out)
+    tag_of = {id(o): t for o, t in zip(trimmed, tags)} if tags is not None else None
+    if len(groups) > 1 or seen is not None:
+      total = (len(groups) - 1) * math.prod(sizes[l] for l in out)
+      for g in groups:
+        g_out = [l for l in out if any(l in o.labels for o in g)]
+        if seen is not None and tag_of is not None:
+          key = group_key(g, g_out, [tag_of[id(o)] for o in g])
+          if key in seen:
+            continue
+          seen.add(key)
+        total += contraction_flops(g, g_out)
+      return total
   if hot is None:
     # Labels only one operand carries (and `out` lacks) are summed in it first, as
     # `jnp.einsum` does: a bias's positions before its cotangents meet.
@@ -924,6 +949,30 @@ def leaf_costs(plan1: Plan, plan2: Plan, leaf: int, layout, shape1, shape2,
       out = list(side) + [l for l in w_out if l in _sizes(ops)]
       materialised += contraction_flops(ops, out)
   return pairwise, materialised
+
+
+def shared_pair_flops(plan1: Plan, plan2: Plan, leaves, layout, shape1, shape2,
+                      per_example: bool, symmetric: bool) -> int:
+  """FLOPs of the pairwise terms of `leaves` for one output leaf as emit computes
+  them: a group of operands that another term already contracted (a bias and the
+  weight of one layer share their cotangents' Gram) is counted once."""
+  s1, s2, result = layout.indices()
+  tag2 = "1" if symmetric else "2"
+  seen: set = set()
+  total = 0
+  for leaf in leaves:
+    uses1, uses2 = plan1.uses_of(leaf), plan2.uses_of(leaf)
+    for i, u in enumerate(uses1):
+      for j, v in enumerate(uses2):
+        if symmetric and j < i:
+          continue
+        labels = Labels(layout.num_indices)
+        ops1 = operands(plan1, u, s1, shape1, "1", labels, per_example)
+        ops2 = operands(plan2, v, s2, shape2, "2", labels, per_example)
+        total += contraction_flops(ops1 + ops2, result, grouped=True,
+                                   tags=["1"] * len(ops1) + [tag2] * len(ops2),
+                                   seen=seen)
+  return total
 
 
 def absent_w_size(view: View, ops: list[Operand], labels: Labels) -> int:

@@ -367,6 +367,15 @@ def _estimate(problem: Problem, engine, engine2) -> Estimate:
       structured_flops += leaf_flops[leaf]
       structured_bytes += mat_bytes if chosen_mat else 0
       pair_flops += 0 if chosen_mat else pair
+    # The pairwise leaves' terms as emitted: groups shared between leaves (a bias and
+    # its weight cut at the same value share the cotangents' Gram) counted once.
+    pairwise_leaves = [l for l, kind in kinds.items() if kind == "pairwise"]
+    shared = sum(
+        analysis.shared_pair_flops(engine, engine2 or engine, pairwise_leaves, layout, s1,
+                                   s2, problem.batch_independent, problem.symmetric)
+        for layout, s1, s2 in zip(problem.layouts, problem.shapes1, problem.shapes2))
+    structured_flops += shared - pair_flops
+    pair_flops = shared
     flops["structured"] = structured_flops
     nbytes["structured"] = structured_bytes
     seconds["structured"] = rates.seconds(
