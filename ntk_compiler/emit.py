@@ -473,6 +473,21 @@ SYMMETRIC_BLOCKS_FROM = 32
 SYMMETRIC_SPLIT_AGAIN_FROM = 1024
 
 
+def symmetric_pair_share(n: int, layout: Layout, per_example: bool) -> float:
+  """The share of Θ(x, x)'s n² example pairs whose pairwise terms `contract_kernels`
+  computes (the rest mirrored): 1 where it contracts them whole."""
+  if not (per_example and n >= SYMMETRIC_BLOCKS_FROM
+          and 0 not in layout.trace + layout.diagonal):
+    return 1.0
+
+  def halves(m: int) -> float:  # as _halves_term splits m examples
+    h = m // 2
+    diagonal = halves if h >= SYMMETRIC_SPLIT_AGAIN_FROM else (lambda _: 1.0)
+    return (h * h * diagonal(h) + h * (m - h) + (m - h) ** 2 * diagonal(m - h)) / m ** 2
+
+  return halves(n)
+
+
 def contract_kernels(plan1: Plan, plan2: Plan, side1: Side, side2: Side, symmetric: bool,
                      layouts, shapes1, shapes2, per_example: bool,
                      materialize: frozenset = frozenset()) -> list[jax.Array]:

@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ntk_compiler import analysis, batching, compat, cost, inspect, trace
+from ntk_compiler import analysis, batching, compat, cost, emit, inspect, trace
 from ntk_compiler import axes as axes_lib
 from ntk_compiler.methods import Problem
 from ntk_compiler.rules import custom_jvp
@@ -370,9 +370,14 @@ def _estimate(problem: Problem, engine, engine2) -> Estimate:
     # The pairwise leaves' terms as emitted: groups shared between leaves (a bias and
     # its weight cut at the same value share the cotangents' Gram) counted once.
     pairwise_leaves = [l for l, kind in kinds.items() if kind == "pairwise"]
+    # With x2 omitted, the share of example pairs the program contracts (in blocks,
+    # the rest mirrored).
     shared = sum(
         analysis.shared_pair_flops(engine, engine2 or engine, pairwise_leaves, layout, s1,
                                    s2, problem.batch_independent, problem.symmetric)
+        * (emit.symmetric_pair_share(s1[0] if s1 else 0, layout,
+                                     problem.batch_independent)
+           if problem.symmetric else 1.0)
         for layout, s1, s2 in zip(problem.layouts, problem.shapes1, problem.shapes2))
     structured_flops += shared - pair_flops
     pair_flops = shared

@@ -528,11 +528,13 @@ def test_materialised_estimates_match_xla_flops(monkeypatch, kernel):
     assert abs(estimated - measured) <= 0.1 * abs(measured), (leaf, estimated, measured)
 
 
+@pytest.mark.parametrize("x2_given", [True, False])
 @pytest.mark.parametrize("trace_axes", [(-1,), ()])
-def test_structured_estimate_counts_shared_grams_once(trace_axes):
+def test_structured_estimate_counts_shared_grams_once(trace_axes, x2_given):
   """A bias and its layer's weight share the cotangents' Gram in the program (emit's
-  memo); the structured estimate counts it once and lands within 15% of XLA's FLOP
-  count (counted per leaf it was 1.6-1.9x too high here)."""
+  memo); the structured estimate counts it once and, with x2 omitted, only the share
+  of example pairs contracted (emit.symmetric_pair_share: 3/4 here), landing within
+  15% of XLA's FLOP count (counted per leaf it was 1.6-1.9x too high here)."""
   params = [(_normal((6, 32), 0) / 3, _normal((32,), 1)),
             (_normal((32, 32), 2) / 6, _normal((32,), 3)),
             (_normal((32, 4), 4) / 6, _normal((4,), 5))]
@@ -542,7 +544,7 @@ def test_structured_estimate_counts_shared_grams_once(trace_axes):
       x = jnp.tanh(x @ w + b)
     return x @ p[-1][0] + p[-1][1]
 
-  x1, x2 = _normal((96, 6), 6), _normal((80, 6), 7)
+  x1, x2 = _normal((96, 6), 6), _normal((80, 6), 7) if x2_given else None
   ntk_fn = nc.compile_ntk(f, method="structured", trace_axes=trace_axes)
   estimate = ntk_fn.plan(params, x1, x2).estimate
   assert set(estimate.kinds.values()) == {"pairwise"}
