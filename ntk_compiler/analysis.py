@@ -856,9 +856,11 @@ def without_unit_sums(ops: list[Operand], out) -> list[Operand]:
 
 
 def group_key(group: list[Operand], group_out, tags) -> tuple:
-  """A key equal for two groups that compute the same array (as emit's memo keys
-  them): operands (side tag, kind, id) in a canonical order, labels renamed by first
-  appearance."""
+  """A key equal for two groups that compute the same array (emit's memo, and the
+  estimate that follows it): operands (side tag, kind, id) in a canonical order,
+  labels renamed by first appearance. The key spells out the whole einsum, so equal
+  keys mean equal arrays whatever the order; the order only decides how often two
+  spellings of one einsum are recognised."""
   order = sorted(range(len(group)), key=lambda i: (
       tags[i], group[i].kind, group[i].id, len(group[i].labels)))
   names: dict = {}

@@ -213,7 +213,7 @@ def _contract(ops: list[analysis.Operand], sides, k: int, out: list[int],
     parts = []
     for group in analysis.summed_groups(ops, out):
       group_out = [l for l in out if any(l in o.labels for o in group)]
-      key = _group_key(group, group_out, [id(where[id(o)]) for o in group], k)
+      key = k, analysis.group_key(group, group_out, [id(where[id(o)]) for o in group])
       if key not in memo:
         memo[key] = _einsum([(_squeeze(array(o), squeezed[id(o)]), list(o.labels))
                              for o in group], group_out)
@@ -240,18 +240,6 @@ def _contract(ops: list[analysis.Operand], sides, k: int, out: list[int],
 
 def _squeeze(array, axes):
   return jnp.squeeze(array, tuple(axes)) if axes else array
-
-
-def _group_key(group, group_out, side_ids, k: int):
-  """A key equal for two groups that compute the same array: operands (side, kind,
-  id) in a canonical order, labels renamed by first appearance."""
-  order = sorted(range(len(group)),
-                 key=lambda i: (side_ids[i], group[i].kind, group[i].id, group[i].labels))
-  names: dict = {}
-  canon = lambda l: names.setdefault(l, len(names))
-  operands = tuple((side_ids[i], group[i].kind, group[i].id,
-                    tuple(canon(l) for l in group[i].labels)) for i in order)
-  return k, operands, tuple(canon(l) for l in group_out)
 
 
 def pair_term(plans, u: Use, v: Use, side1: Side, side2: Side, k: int, layout: Layout,
