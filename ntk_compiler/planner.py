@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from ntk_compiler import analysis, batching, compat, cost, emit, inspect, trace
 from ntk_compiler import axes as axes_lib
 from ntk_compiler.methods import Problem
+from ntk_compiler.methods.common import pushforward
 from ntk_compiler.rules import custom_jvp
 
 @dataclasses.dataclass(frozen=True)
@@ -169,16 +170,22 @@ def _plan(ntk_fn, params, x1, x2) -> Plan:
     if x2 is not None and not _same_signature(x1, x2, per_example=batch.independent):
       engine2 = engine_plan(ntk_fn, f, params, x2, batch.independent)
   estimate = _estimate(problem, engine, engine2)
-  forward_ok = True
+  forward_ok, forward_why = True, ""
   if ntk_fn.method in ("ntk_vp", "auto") and differentiable:
     jaxpr = (engine.jaxpr if engine is not None else
              trace.trace_program(f, params, x1, per_example=False).jaxpr)
-    forward_ok = not _calls_custom_vjp(jaxpr)
+    if calls_custom_vjp(jaxpr):
+      # No forward mode through custom_vjp: ntk_vp transposes x1's VJP instead, which
+      # needs each backward pass to be linear in its cotangent.
+      problem = dataclasses.replace(problem, transpose_vjp=True)
+      forward_why = _untransposable(f, params, x1)
+      forward_ok = not forward_why
   if ntk_fn.method == "ntk_vp" and not forward_ok:
     raise NotImplementedError(
-        "method='ntk_vp' differentiates f in forward mode (jax.linearize), which JAX "
-        "does not support through custom_vjp functions, and f calls one. Use "
-        "method='structured', 'jacobian' or 'auto'.")
+        "method='ntk_vp' pushes tangents forward through f at x1; f calls a custom_vjp "
+        "function, through which JAX has no forward mode, and transposing its VJP "
+        f"failed ({forward_why}): a custom_vjp backward pass that is not linear in its "
+        "cotangent. Use method='structured', 'jacobian' or 'auto'.")
   if ntk_fn.method == "auto":
     candidates = {m: c for m, c in estimate.seconds.items()
                   if forward_ok or m != "ntk_vp"}
@@ -192,7 +199,8 @@ def _plan(ntk_fn, params, x1, x2) -> Plan:
                 "lowest estimated time (FLOPs and memory traffic at this backend's "
                 "measured rates; the estimates err by more than that, and where they "
                 "were level structured ran faster)")
-    reason += "" if forward_ok else " (ntk_vp excluded: f calls a custom_vjp function)"
+    reason += "" if forward_ok else (" (ntk_vp excluded: f calls a custom_vjp function "
+                                     "whose VJP does not transpose)")
   else:
     method, reason = ntk_fn.method, "as requested"
   return Plan(method, problem, engine, engine2, estimate, reason, batch,
@@ -232,10 +240,23 @@ def engine_plan(ntk_fn, f, params, x, per_example: bool) -> analysis.Plan:
 _CUSTOM_VJP = compat.custom_vjp_primitives()
 
 
-def _calls_custom_vjp(jaxpr) -> bool:
+def calls_custom_vjp(jaxpr) -> bool:
+  """Whether `jaxpr` (or a jaxpr inside it) calls a custom_vjp function."""
   return any(eqn.primitive in _CUSTOM_VJP
-             or any(_calls_custom_vjp(sub) for sub in compat.sub_jaxprs(eqn))
+             or any(calls_custom_vjp(sub) for sub in compat.sub_jaxprs(eqn))
              for eqn in jaxpr.eqns)
+
+
+def _untransposable(f, params, x) -> str:
+  """"" when x's VJP of f transposes (traced abstractly, nothing runs), else why not."""
+  def push(p, xs):
+    _, forward = pushforward(f, p, xs, transpose_vjp=True)
+    return forward(p)
+  try:
+    jax.eval_shape(push, params, x)
+  except Exception as e:  # JAX's own error says which primitive did not transpose
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+  return ""
 
 
 def _same_signature(a, b, per_example: bool = False) -> bool:

@@ -32,6 +32,7 @@ from ntk_compiler import check as check_lib
 from ntk_compiler import compat
 from ntk_compiler import planner
 from ntk_compiler import rules as rules_lib
+from ntk_compiler.methods.common import pushforward
 
 Path = tuple
 
@@ -378,12 +379,7 @@ def _jvp_vjp(f, layouts, shapes2, transpose_vjp: bool):
 
   def run(params, x1, x2, rs):
     out2, pullback2 = jax.vjp(lambda p: f(p, x2), params)
-    if transpose_vjp:  # no forward mode through custom_vjp: transpose the x1 VJP
-      out1, pullback1 = jax.vjp(lambda p: f(p, x1), params)
-      forward = jax.linear_transpose(pullback1, out1)
-      jvp1 = lambda g: forward((g,))[0]
-    else:
-      out1, jvp1 = jax.linearize(lambda p: f(p, x1), params)
+    out1, jvp1 = pushforward(f, params, x1, transpose_vjp)
     leaves2, tree2 = jax.tree_util.tree_flatten(out2)
     results = []
     for k, (layout, s2, r) in enumerate(zip(layouts, shapes2, rs)):
@@ -415,9 +411,4 @@ def _jvp_vjp(f, layouts, shapes2, transpose_vjp: bool):
 
 
 def _uses_custom_vjp(f, params, x) -> bool:
-  primitives = compat.custom_vjp_primitives()
-
-  def calls(jaxpr) -> bool:
-    return any(eqn.primitive in primitives or any(calls(s) for s in compat.sub_jaxprs(eqn))
-               for eqn in jaxpr.eqns)
-  return calls(compat.open_jaxpr(jax.make_jaxpr(f)(params, x)))
+  return planner.calls_custom_vjp(compat.open_jaxpr(jax.make_jaxpr(f)(params, x)))

@@ -1031,17 +1031,17 @@ def check(program: Program, methods=METHODS, log: dict | None = None) -> list[st
   return check_call(program.f, params, x1, x2, trace_axes=program.trace_axes,
                     diagonal_axes=program.diagonal_axes,
                     batch_independent=program.batch_independent, tolerance=program.tolerance,
-                    custom_vjp="custom_vjp" in program.flags, methods=methods, log=log)
+                    methods=methods, log=log)
 
 
 def check_call(f, params, x1, x2=None, *, trace_axes=(-1,), diagonal_axes=(),
                batch_independent=None, tolerance=TOLERANCE["float64"],
-               custom_vjp=False, methods=METHODS, log: dict | None = None) -> list[str]:
+               methods=METHODS, log: dict | None = None) -> list[str]:
   """Every method's `compile_ntk(f, ...)(params, x1, x2)` against the oracle.
 
   Returns the failures: a wrong kernel, a crash that is not a clear library error, a
-  library error for valid arguments (ntk_vp may refuse f that calls custom_vjp
-  functions), a kernel for invalid arguments, kernels of different dtypes."""
+  library error for valid arguments, a kernel for invalid arguments, kernels of
+  different dtypes."""
   log = {} if log is None else log
   filtering = jax.config.jax_traceback_filtering
   jax.config.update("jax_traceback_filtering", "off")
@@ -1063,8 +1063,7 @@ def check_call(f, params, x1, x2=None, *, trace_axes=(-1,), diagonal_axes=(),
         log[method] = (time.perf_counter() - start, _describe(e))
         if not _is_library_error(e):
           failures.append(f"{method}: crashed: {_describe(e)}")
-        elif not (want.error or want.either or (
-            method == "ntk_vp" and custom_vjp and isinstance(e, NotImplementedError))):
+        elif not (want.error or want.either):
           failures.append(f"{method}: refused valid arguments: {_describe(e)}")
         continue
       log[method] = (time.perf_counter() - start, "kernel")

@@ -143,12 +143,39 @@ def test_scan_carry_parameter_is_exact():
   oracle.assert_matches(ntk_fn(params, x), oracle.oracle_ntk(f, params, x), 1e-10)
 
 
-def test_ntk_vp_refuses_custom_vjp_clearly():
-  """Forward mode cannot go through custom_vjp: method="ntk_vp" says so by name, and
-  "auto" leaves ntk_vp out."""
+@jax.custom_vjp
+def _clipped_grad(h):
+  return h
+
+
+_clipped_grad.defvjp(lambda h: (h, None), lambda _, g: (jnp.clip(g, -0.1, 0.1),))
+
+
+def test_ntk_vp_through_custom_vjp():
+  """No forward mode through custom_vjp: ntk_vp pushes tangents forward by transposing
+  x1's VJP (the custom backward pass is linear in its cotangent), exact against the
+  oracle, whose Jacobian rows are those VJPs; auto keeps ntk_vp among its candidates."""
   model = BY_NAME["custom_gradients"]
-  params, x1, _ = model.draw(0, 3, 2, jnp.float64)
-  with pytest.raises(NotImplementedError, match="ntk_vp.*custom_vjp"):
-    nc.compile_ntk(model.f, method="ntk_vp")(params, x1)
+  params, x1, x2 = model.draw(0, 5, 4, jnp.float64)
+  ntk_fn = nc.compile_ntk(model.f, method="ntk_vp")
+  assert ntk_fn.plan(params, x1, x2).problem.transpose_vjp
+  tiled = nc.compile_ntk(model.f, method="ntk_vp", block_size=2, max_memory="1GB")
+  for b in (x2, None):
+    want = oracle.oracle_ntk(model.f, params, x1, b)
+    oracle.assert_matches(ntk_fn(params, x1, b), want, 1e-10)
+    oracle.assert_matches(tiled(params, x1, b), want, 1e-10)  # x2's cotangents per block
   plan = nc.compile_ntk(model.f, method="auto").plan(params, x1)
+  assert "ntk_vp" in plan.estimate.seconds and "excluded" not in plan.reason
+
+
+def test_ntk_vp_refuses_a_backward_pass_not_linear_in_its_cotangent():
+  """A custom_vjp whose backward pass clips the cotangent has no transpose: ntk_vp says
+  so by name before running anything, and auto leaves ntk_vp out."""
+  def f(p, x):
+    return _clipped_grad(jnp.tanh(x @ p["w"])) @ p["v"]
+  params = {"w": jnp.ones((3, 4)) / 3, "v": jnp.ones((4, 2)) / 4}
+  x = jnp.arange(6.0).reshape(2, 3) / 6
+  with pytest.raises(NotImplementedError, match="ntk_vp.*custom_vjp.*not linear"):
+    nc.compile_ntk(f, method="ntk_vp")(params, x)
+  plan = nc.compile_ntk(f, method="auto").plan(params, x)
   assert plan.method != "ntk_vp" and "ntk_vp excluded" in plan.reason

@@ -26,6 +26,8 @@ class Problem:
     shapes2: shape of each output leaf for x2.
     layouts: the kernel layout of each output leaf.
     batch_independent: whether f treats examples (axis 0) independently.
+    transpose_vjp: f calls a custom_vjp function, through which JAX has no forward
+      mode: J(x1)·u is taken as the transpose of x1's VJP (`pushforward`).
   """
   f: Callable[..., Any]
   params: Any
@@ -36,6 +38,7 @@ class Problem:
   shapes2: tuple[tuple[int, ...], ...]
   layouts: tuple[Layout, ...]
   batch_independent: bool
+  transpose_vjp: bool = False
 
   @property
   def symmetric(self) -> bool:
@@ -70,3 +73,19 @@ def widen(tree: Any) -> Any:
       return a.astype(jnp.float32)
     return a
   return jax.tree_util.tree_map(cast, tree)
+
+
+def pushforward(f, params, x, transpose_vjp: bool = False):
+  """f(params, x) and the linear map u ↦ J(x)·u on parameter tangents.
+
+  Forward mode (`jax.linearize`), or with `transpose_vjp` the transpose of the VJP:
+  JAX has no forward mode through custom_vjp functions, but their backward pass is
+  linear in its cotangent, so the VJP transposes (one VJP's residuals, then about a
+  JVP's work per tangent). A backward pass that is not linear in its cotangent fails
+  here, in `jax.linear_transpose`.
+  """
+  if not transpose_vjp:
+    return jax.linearize(lambda p: f(p, x), params)
+  out, pullback = jax.vjp(lambda p: f(p, x), params)
+  transposed = jax.linear_transpose(pullback, out)
+  return out, lambda u: transposed((u,))[0]

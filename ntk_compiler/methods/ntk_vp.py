@@ -1,7 +1,8 @@
 """NTK-vector products: Θ·v = JVP_x1(VJP_x2(v)) over a basis of x2's output space.
 
 No Jacobian is contracted: each basis vector's cotangent in parameter space is pushed
-forward through f at x1, giving one column of the kernel.
+forward through f at x1, giving one column of the kernel. Through custom_vjp functions
+(no forward mode in JAX) the push forward is the transpose of x1's VJP.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from ntk_compiler.methods.common import Problem, apply_layout, per_example, widen
+from ntk_compiler.methods.common import (Problem, apply_layout, per_example, pushforward,
+                                         widen)
 
 
 def _basis(shape, dtype) -> jax.Array:
@@ -53,7 +55,7 @@ def _param_cotangents(problem: Problem, k: int, out2) -> tuple:
 def ntk_vp_ntk(problem: Problem) -> list[jax.Array]:
   """The NTK of every output leaf by NTK-vector products."""
   with jax.named_scope("ntk/ntk_vp"):
-    out1, jvp1 = jax.linearize(lambda p: problem.f(p, problem.x1), problem.params)
+    out1, jvp1 = pushforward(problem.f, problem.params, problem.x1, problem.transpose_vjp)
     out2 = out1 if problem.symmetric else jax.eval_shape(
         problem.f, problem.params, problem.second)
     return [_push_one(problem, jvp1, k, _param_cotangents(problem, k, out2))
@@ -70,7 +72,7 @@ def param_cotangents(problem: Problem) -> list:
 
 def push_forward(problem: Problem, cts: list) -> list[jax.Array]:
   """The kernels from x2's cotangents (`param_cotangents`), pushed forward at x1."""
-  _, jvp1 = jax.linearize(lambda p: problem.f(p, problem.x1), problem.params)
+  _, jvp1 = pushforward(problem.f, problem.params, problem.x1, problem.transpose_vjp)
   return [_push_one(problem, jvp1, k, c) for k, c in enumerate(cts)]
 
 
