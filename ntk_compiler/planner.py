@@ -184,8 +184,10 @@ def _plan(ntk_fn, params, x1, x2) -> Plan:
     raise NotImplementedError(
         "method='ntk_vp' pushes tangents forward through f at x1; f calls a custom_vjp "
         "function, through which JAX has no forward mode, and transposing its VJP "
-        f"failed ({forward_why}): a custom_vjp backward pass that is not linear in its "
-        "cotangent. Use method='structured', 'jacobian' or 'auto'.")
+        f"failed ({forward_why}). That needs each custom_vjp backward pass to be linear "
+        "in its cotangent and built from operations JAX can transpose (not a while "
+        "loop, as in diffrax's and Equinox's checkpointed loops). Use "
+        "method='structured', 'jacobian' or 'auto'.")
   if ntk_fn.method == "auto":
     candidates = {m: c for m, c in estimate.seconds.items()
                   if forward_ok or m != "ntk_vp"}

@@ -168,14 +168,25 @@ def test_ntk_vp_through_custom_vjp():
   assert "ntk_vp" in plan.estimate.seconds and "excluded" not in plan.reason
 
 
-def test_ntk_vp_refuses_a_backward_pass_not_linear_in_its_cotangent():
-  """A custom_vjp whose backward pass clips the cotangent has no transpose: ntk_vp says
-  so by name before running anything, and auto leaves ntk_vp out."""
+@jax.custom_vjp
+def _looped_grad(h):
+  return h
+
+
+_looped_grad.defvjp(lambda h: (h, None), lambda _, g: (lax.while_loop(
+    lambda c: jnp.max(jnp.abs(c)) > 1.0, lambda c: 0.5 * c, g),))
+
+
+@pytest.mark.parametrize("grad", [_clipped_grad, _looped_grad], ids=["clip", "while"])
+def test_ntk_vp_refuses_a_backward_pass_that_does_not_transpose(grad):
+  """A custom_vjp whose backward pass clips the cotangent (not linear) or runs a while
+  loop (no transpose in JAX) has no transpose: ntk_vp says so by name before running
+  anything, and auto leaves ntk_vp out."""
   def f(p, x):
-    return _clipped_grad(jnp.tanh(x @ p["w"])) @ p["v"]
+    return grad(jnp.tanh(x @ p["w"])) @ p["v"]
   params = {"w": jnp.ones((3, 4)) / 3, "v": jnp.ones((4, 2)) / 4}
   x = jnp.arange(6.0).reshape(2, 3) / 6
-  with pytest.raises(NotImplementedError, match="ntk_vp.*custom_vjp.*not linear"):
+  with pytest.raises(NotImplementedError, match="ntk_vp.*custom_vjp.*linear in its cot"):
     nc.compile_ntk(f, method="ntk_vp")(params, x)
   plan = nc.compile_ntk(f, method="auto").plan(params, x)
   assert plan.method != "ntk_vp" and "ntk_vp excluded" in plan.reason
