@@ -176,7 +176,7 @@ def _plan(ntk_fn, params, x1, x2) -> Plan:
              trace.trace_program(f, params, x1, per_example=False).jaxpr)
     if calls_custom_vjp(jaxpr):
       # No forward mode through custom_vjp: ntk_vp transposes x1's VJP instead, which
-      # needs each backward pass to be linear in its cotangent.
+      # needs each custom backward pass to transpose.
       problem = dataclasses.replace(problem, transpose_vjp=True)
       forward_why = _untransposable(f, params, x1)
       forward_ok = not forward_why

@@ -79,10 +79,10 @@ def pushforward(f, params, x, transpose_vjp: bool = False):
   """f(params, x) and the linear map u ↦ J(x)·u on parameter tangents.
 
   Forward mode (`jax.linearize`), or with `transpose_vjp` the transpose of the VJP:
-  JAX has no forward mode through custom_vjp functions, but their backward pass is
-  linear in its cotangent, so the VJP transposes (one VJP's residuals, then about a
-  JVP's work per tangent). A backward pass that is not linear in its cotangent fails
-  here, in `jax.linear_transpose`.
+  JAX has no forward mode through custom_vjp functions, but a backward pass is linear
+  in its cotangent, so the VJP transposes (one VJP's residuals, then about a JVP's work
+  per tangent). One that does not transpose (not linear in its cotangent, or a while
+  loop) fails here, in `jax.linear_transpose`.
   """
   if not transpose_vjp:
     return jax.linearize(lambda p: f(p, x), params)
