@@ -927,15 +927,9 @@ def leaf_costs(plan1: Plan, plan2: Plan, leaf: int, layout, shape1, shape2,
   """FLOPs of a leaf's term (pairwise structured, materialised) for one output leaf."""
   s1, s2, result = layout.indices()
   uses1, uses2 = plan1.uses_of(leaf), plan2.uses_of(leaf)
-  pairwise = 0
-  for i, u in enumerate(uses1):
-    for j, v in enumerate(uses2):
-      if symmetric and j < i:
-        continue
-      labels = Labels(layout.num_indices)
-      ops = (operands(plan1, u, s1, shape1, "1", labels, per_example)
-             + operands(plan2, v, s2, shape2, "2", labels, per_example))
-      pairwise += contraction_flops(ops, result, grouped=True)
+  pairwise = sum(contraction_flops(ops1 + ops2, result, grouped=True)
+                 for ops1, ops2 in _pair_operands(plan1, plan2, leaf, layout, shape1,
+                                                  shape2, per_example, symmetric))
   w_size = math.prod(plan1.leaf_shapes[leaf])
   # The Gram of the two sides' gradients: a multiply and an add per term, counted as
   # opt_einsum counts the pairwise einsums (two per term summed)
@@ -958,23 +952,29 @@ def shared_pair_flops(plan1: Plan, plan2: Plan, leaves, layout, shape1, shape2,
   """FLOPs of the pairwise terms of `leaves` for one output leaf as emit computes
   them: a group of operands that another term already contracted (a bias and the
   weight of one layer share their cotangents' Gram) is counted once."""
-  s1, s2, result = layout.indices()
+  result = layout.indices()[2]
   tag2 = "1" if symmetric else "2"
   seen: set = set()
-  total = 0
-  for leaf in leaves:
-    uses1, uses2 = plan1.uses_of(leaf), plan2.uses_of(leaf)
-    for i, u in enumerate(uses1):
-      for j, v in enumerate(uses2):
-        if symmetric and j < i:
-          continue
-        labels = Labels(layout.num_indices)
-        ops1 = operands(plan1, u, s1, shape1, "1", labels, per_example)
-        ops2 = operands(plan2, v, s2, shape2, "2", labels, per_example)
-        total += contraction_flops(ops1 + ops2, result, grouped=True,
-                                   tags=["1"] * len(ops1) + [tag2] * len(ops2),
-                                   seen=seen)
-  return total
+  return sum(contraction_flops(ops1 + ops2, result, grouped=True,
+                               tags=["1"] * len(ops1) + [tag2] * len(ops2), seen=seen)
+             for leaf in leaves
+             for ops1, ops2 in _pair_operands(plan1, plan2, leaf, layout, shape1, shape2,
+                                              per_example, symmetric))
+
+
+def _pair_operands(plan1: Plan, plan2: Plan, leaf: int, layout, shape1, shape2,
+                   per_example: bool, symmetric: bool):
+  """Each pair of uses of `leaf` whose term emit contracts (with x2 omitted, each
+  unordered pair once): the two uses' operands, labelled for one einsum."""
+  s1, s2, _ = layout.indices()
+  uses1, uses2 = plan1.uses_of(leaf), plan2.uses_of(leaf)
+  for i, u in enumerate(uses1):
+    for j, v in enumerate(uses2):
+      if symmetric and j < i:
+        continue
+      labels = Labels(layout.num_indices)
+      yield (operands(plan1, u, s1, shape1, "1", labels, per_example),
+             operands(plan2, v, s2, shape2, "2", labels, per_example))
 
 
 def absent_w_size(view: View, ops: list[Operand], labels: Labels) -> int:
