@@ -105,6 +105,7 @@ class Plan:
   # scan eqn path -> (cut ids, factor ids) inside its body: evaluated step by step
   conds: dict[Path, list[tuple[list[int], list[int]]]] = dataclasses.field(
       default_factory=dict)  # cond eqn path -> (cut ids, factor ids) of each branch
+  stacked: tuple = ()  # stacking.Stacked: backward convolutions stacked per example
 
   def uses_of(self, leaf: int) -> list[Use]:
     return [u for u in self.uses if u.view.leaf == leaf]

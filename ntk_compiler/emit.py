@@ -19,20 +19,25 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ntk_compiler import analysis, compat
+from ntk_compiler import analysis, compat, stacking
 from ntk_compiler import structure as structure_lib
 from ntk_compiler.analysis import Plan, Use
 from ntk_compiler.axes import Layout
 from ntk_compiler.methods.common import widen
 
 
-def evaluate(plan: Plan, args: list, eps: dict) -> tuple[list, dict]:
+def evaluate(plan: Plan, args: list, eps: dict, record: dict | None = None
+             ) -> tuple[list, dict]:
   """f's jaxpr on `args`, each cut perturbed by `eps`; also every factor's value.
 
   Inside a scan body with cuts or factors, the scan runs a body that does the same per
   step: it takes its slice of those cuts' `eps` and stacks its factors.
+  With `record`, the input edges of the stacked convolutions (`plan.stacked`) are cut
+  off (their cotangents enter as seeds) and `record` receives the top level's values
+  and those convolutions' operands, by equation index.
   """
   factors: dict = {}
+  stop = {s.conv for s in plan.stacked} if record is not None else set()
 
   def perturb(value, edge, eps):
     for cid in plan.edge_cuts.get(edge, ()):
@@ -48,6 +53,9 @@ def evaluate(plan: Plan, args: list, eps: dict) -> tuple[list, dict]:
       for factor, _ in plan.factors.get(path, ()):
         factors[factor.id] = jnp.asarray(factor.fn(*vals))
       vals = [perturb(v, (path, k), eps) for k, v in enumerate(vals)]
+      if not prefix and i in stop:
+        record[i] = list(vals)
+        vals[0] = lax.stop_gradient(vals[0])
       if path in plan.inline:
         inner, inner_consts = compat.call_body(eqn)
         outs = run(inner, inner_consts, vals, path, eps, factors)
@@ -58,6 +66,8 @@ def evaluate(plan: Plan, args: list, eps: dict) -> tuple[list, dict]:
       else:
         outs = compat.bind_eqn(eqn, vals)
       env.update(zip(eqn.outvars, outs))
+    if not prefix and record is not None:
+      record["env"] = env
     return [compat.read_atom(env, v) for v in jaxpr.outvars]
 
   def scan(eqn, vals, path, eps, factors):
@@ -135,17 +145,20 @@ def side(plan: Plan, params: list, x: list, per_example: bool) -> Side:
   """Cotangents at every cut and every factor, for the inputs `x` (one pass each way)."""
   def one(params, x):
     eps0 = {c.id: jnp.zeros(c.shape, c.dtype) for c in plan.cuts}
-    outs, vjp, factors = jax.vjp(lambda eps: evaluate(plan, params + x, eps), eps0,
-                                 has_aux=True)
-    sizes = [math.prod(o.shape) for o in outs]
+    stacked = plan.stacked if per_example else ()
+    outs, vjp, (factors, record) = jax.vjp(
+        lambda eps: _evaluate_stacked(plan, params + x, eps, stacked), eps0, has_aux=True)
+    sizes = [math.prod(o.shape) for o in outs[0]]
     total = sum(sizes)
     offsets = np.cumsum([0] + sizes)
     basis = [jnp.eye(total, dtype=o.dtype)[:, a:b].reshape((total,) + o.shape)
-             for o, a, b in zip(outs, offsets[:-1], offsets[1:])]
+             for o, a, b in zip(outs[0], offsets[:-1], offsets[1:])]
     with jax.named_scope("ntk/cotangents"):
-      (cts,) = jax.vmap(vjp)(basis)
+      seeds = [jax.vmap(lambda row, s=s, r=r: stacking.seed(plan.jaxpr, s, *r, row))(basis)
+               for s, r in zip(stacked, record)]
+      (cts,) = jax.vmap(vjp)((basis, seeds))
     per_leaf = [{cid: ct[a:b].reshape(o.shape + ct.shape[1:]) for cid, ct in cts.items()}
-                for o, a, b in zip(outs, offsets[:-1], offsets[1:])]
+                for o, a, b in zip(outs[0], offsets[:-1], offsets[1:])]
     return per_leaf, factors
 
   if not per_example:
@@ -157,6 +170,19 @@ def side(plan: Plan, params: list, x: list, per_example: bool) -> Side:
   cts, factors = jax.vmap(one, in_axes=(None, 0), out_axes=(cut_axes, factor_axes))(
       params, x)
   return Side(*widen((cts, factors)))
+
+
+def _evaluate_stacked(plan: Plan, args: list, eps: dict, stacked: tuple):
+  """evaluate(), with each stacked convolution's input as a second output (its
+  cotangent, the seed, enters there) and what its seed reads as aux."""
+  if not stacked:
+    outs, factors = evaluate(plan, args, eps)
+    return (outs, []), (factors, [])
+  record: dict = {}
+  outs, factors = evaluate(plan, args, eps, record)
+  env = record["env"]
+  seeds = [([env[v] for v in s.reads], *record[s.conv]) for s in stacked]
+  return (outs, [lhs for _, lhs, _ in seeds]), (factors, seeds)
 
 
 def _along(array, labels, target):

@@ -121,6 +121,8 @@ class Explanation:
     parameters: (path, shape) of every parameter leaf.
     scale: the call's FLOPs, peak bytes and tiling under the memory budget (the text
       of `NTKFunction.estimate`), when known.
+    sides: where the sides' backward passes are not one plain VJP vmapped over the
+      outputs (a convolution before a pooled head transposed with stacked kernels).
   """
   method: str
   reason: str
@@ -136,6 +138,7 @@ class Explanation:
   rates: str = ""  # the backend rates the cost model turned FLOPs and bytes into time
   parameters: tuple[tuple[str, tuple[int, ...]], ...] = ()  # (path, shape) per leaf
   scale: str = ""  # the call's memory estimate and tiling (NTKFunction.estimate)
+  sides: tuple[str, ...] = ()  # how the sides' backward passes differ from one VJP
 
   @property
   def batch_independent(self) -> bool:
@@ -173,7 +176,7 @@ class Explanation:
         "estimates": self.estimates, "costs": self.costs,
         "outputs": [dataclasses.asdict(o) for o in self.outputs],
         "rates": self.rates, "parameters": self.parameters, "loops": list(self.loops),
-        "fallbacks": self.fallbacks,
+        "fallbacks": self.fallbacks, "sides": list(self.sides),
         "leaves": [dataclasses.asdict(l) for l in self.leaves]})
 
   def __str__(self) -> str:
@@ -197,6 +200,7 @@ class Explanation:
     lines += [f"loop: {note}" for note in self.loops]
     if self.method == "structured":
       lines.append(_fallback_summary(self))
+    lines += [f"side: {note}" for note in self.sides]
     total = sum(leaf.flops for leaf in self.leaves)
     for leaf in self.leaves:
       lines += _leaf_lines(leaf, total)
@@ -291,12 +295,13 @@ def explain(ntk_fn, plan, params, x1) -> Explanation:
   estimate = plan.estimate
   per_method, per_leaf = estimate_fields(estimate)
   flops = dict(getattr(estimate, "flops", None) or {})
-  leaves = ()
+  leaves, sides = (), ()
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
   paths = [jax.tree_util.keystr(p) for p, _ in flat]
   if plan.method == "structured" and plan.engine is not None:
     leaves = leaf_reports(plan.engine, paths, getattr(estimate, "kinds", {}) or {},
                           getattr(estimate, "leaf_flops", {}) or {}, per_leaf)
+    sides = side_notes(plan.engine)
   notes = tuple(ntk_fn.f.notes(params, x1)) if hasattr(ntk_fn.f, "notes") else ()
   return Explanation(plan.method, plan.reason, plan.batch, flops, leaves, notes,
                      costs=per_method, description=DESCRIPTIONS.get(plan.method, ""),
@@ -304,7 +309,18 @@ def explain(ntk_fn, plan, params, x1) -> Explanation:
                      function=getattr(ntk_fn, "name", None) or function_name(ntk_fn.f),
                      rates=rates(getattr(estimate, "machine", None)),
                      parameters=tuple((p, tuple(jax.numpy.shape(w)))
-                                      for p, (_, w) in zip(paths, flat)))
+                                      for p, (_, w) in zip(paths, flat)),
+                     sides=sides)
+
+
+def side_notes(engine) -> tuple[str, ...]:
+  """One line per stacked convolution of the engine plan (`Stacked.describe`)."""
+  outputs = sum(math.prod(v.aval.shape) for v in engine.jaxpr.outvars)
+  notes = []
+  for stacked in getattr(engine, "stacked", ()):
+    where = source_line(engine.jaxpr.eqns[stacked.conv])
+    notes.append(stacked.describe(engine.jaxpr, outputs) + (f", at {where}" if where else ""))
+  return tuple(notes)
 
 
 def rates(machine) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ntk_compiler import analysis, batching, compat, cost, emit, inspect, trace
+from ntk_compiler import analysis, batching, compat, cost, emit, inspect, stacking, trace
 from ntk_compiler import axes as axes_lib
 from ntk_compiler.methods import Problem
 from ntk_compiler.methods.common import pushforward
@@ -234,6 +234,8 @@ def engine_plan(ntk_fn, f, params, x, per_example: bool) -> analysis.Plan:
           program.jaxpr, program.consts)
   engine = analysis.plan(jaxpr, consts, program.num_params,
                          x_dependent=True, rules=ntk_fn.rules)
+  if per_example:
+    engine.stacked = stacking.find(engine)
   if ntk_fn.strict:
     _raise_on_fallbacks(engine, params)
   return engine

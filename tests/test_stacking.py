@@ -1,0 +1,131 @@
+"""Backward convolutions before a pooled head, stacked over the output rows
+(ntk_compiler/stacking.py): which convolutions qualify (explain()'s "side:" lines) and
+exactness against the float64 oracle, with x2 given and omitted, traced or not, in tiles;
+and the forms that must not be stacked, still exact."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import ntk_compiler as nc
+import oracle
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+NCHW = ("NCHW", "OIHW", "NCHW")
+
+
+def _normal(seed, shape, scale=1.0):
+  return jnp.asarray(scale * np.random.default_rng(seed).normal(size=shape))
+
+
+def _conv(x, w, stride=1, dn=NHWC, groups=1):
+  return lax.conv_general_dilated(x, w, (stride, stride), "SAME", dimension_numbers=dn,
+                                  feature_group_count=groups)
+
+
+def _params(cin=3, mid=4, out=5, classes=3, dn=NHWC):
+  shape = (lambda i, o: (3, 3, i, o)) if dn == NHWC else (lambda i, o: (o, i, 3, 3))
+  return {"w1": _normal(1, shape(cin, mid), 0.5), "b1": _normal(2, (mid,), 0.1),
+          "w2": _normal(3, shape(mid, out), 0.3), "b2": _normal(4, (out,), 0.1),
+          "head": _normal(5, (out, classes), 0.5), "c": _normal(6, (classes,), 0.1)}
+
+
+def cnn(p, x):
+  """Two convs, ReLU, a global mean, a Dense head: the benchmark's CNN in small."""
+  h = jax.nn.relu(_conv(x, p["w1"]) + p["b1"])
+  h = jax.nn.relu(_conv(h, p["w2"]) + p["b2"])
+  return h.mean(axis=(1, 2)) @ p["head"] + p["c"]
+
+
+def residual_nchw(p, x):
+  """NCHW, a strided first conv, a residual add and SiLU (a call) before a sum pool,
+  the head a product with a scaled weight and a second output from the same pool."""
+  h = _conv(x, p["w1"], stride=2, dn=NCHW) + p["b1"][:, None, None]
+  y = _conv(jax.nn.relu(h), p["w2"], dn=NCHW) + h[:, :1] * 0.5
+  pooled = jax.nn.silu(y * y).sum(axis=(2, 3))
+  return {"logits": pooled @ (2.0 * p["head"]) + p["c"], "sum": pooled.sum(axis=1) / 3}
+
+
+def _kernels(f, params, x1, x2, **kwargs):
+  ntk = nc.compile_ntk(f, method="structured", **kwargs)
+  return ntk, ntk(params, x1, x2)
+
+
+@pytest.mark.parametrize("x2_given", [True, False])
+@pytest.mark.parametrize("trace_axes", [(-1,), ()])
+def test_stacked_cnn_matches_the_oracle(x2_given, trace_axes):
+  params = _params(mid=5)
+  x1, x2 = _normal(7, (3, 6, 6, 3)), (_normal(8, (2, 6, 6, 3)) if x2_given else None)
+  ntk, kernel = _kernels(cnn, params, x1, x2, trace_axes=trace_axes)
+  (side,) = ntk.explain(params, x1, x2).sides
+  assert "one convolution per example for all 3 output rows" in side
+  assert "(3 x 5 channels)" in side
+  expected = oracle.oracle_ntk(cnn, params, x1, x2, trace_axes=trace_axes)
+  oracle.assert_matches(kernel, expected, 1e-10)
+
+
+def test_stacked_in_tiles():
+  params, x1, x2 = _params(), _normal(7, (5, 6, 6, 3)), _normal(8, (3, 6, 6, 3))
+  ntk, kernel = _kernels(cnn, params, x1, x2, block_size=2, max_memory="1GB")
+  assert ntk.explain(params, x1, x2).sides
+  oracle.assert_matches(kernel, oracle.oracle_ntk(cnn, params, x1, x2), 1e-10)
+
+
+def test_stacked_nchw_residual_two_outputs():
+  params = _params(dn=NCHW)
+  x1, x2 = _normal(7, (3, 3, 8, 8)), _normal(8, (2, 3, 8, 8))
+  ntk, kernel = _kernels(residual_nchw, params, x1, x2, trace_axes=())
+  (side,) = ntk.explain(params, x1, x2).sides
+  assert "all 4 output rows" in side  # 3 logits and the sum, one basis over both
+  expected = oracle.oracle_ntk(residual_nchw, params, x1, x2, trace_axes=())
+  oracle.assert_matches(kernel, expected, 1e-10)
+
+
+def _partial_pool(p, x):  # a spatial axis kept: the cotangent varies along it
+  h = jax.nn.relu(_conv(x, p["w1"]) + p["b1"])
+  return jnp.tanh(_conv(h, p["w2"])).mean(axis=1).reshape(x.shape[0], -1) @ jnp.tile(
+      p["head"], (6, 1))
+
+
+def _nonlinear_head(p, x):  # the pooled value's cotangent depends on the example
+  h = jax.nn.relu(_conv(x, p["w1"]) + p["b1"])
+  return jnp.tanh(jax.nn.relu(_conv(h, p["w2"])).mean(axis=(1, 2))) @ p["head"]
+
+
+def _fan_out(p, x):  # the conv's output read twice on the way: not one chain
+  h = jax.nn.relu(_conv(x, p["w1"]) + p["b1"])
+  y = _conv(h, p["w2"])
+  return (y.mean(axis=(1, 2)) + jnp.max(y, axis=(1, 2))) @ p["head"]
+
+
+def _grouped(p, x):  # a grouped convolution stays as it is
+  h = jax.nn.relu(_conv(x, p["w1"]) + p["b1"])
+  y = _conv(h, p["w2"][:, :, :2, :4], groups=2)
+  return jax.nn.relu(y).mean(axis=(1, 2)) @ p["head"][:4]
+
+
+def _per_example_kernel(p, x):  # the kernel depends on the input
+  h = jax.nn.relu(_conv(x, p["w1"]) + p["b1"])
+  w = p["w2"] * jnp.tanh(x.mean())
+  return jax.nn.relu(_conv(h, w)).mean(axis=(1, 2)) @ p["head"]
+
+
+@pytest.mark.parametrize("f", [_partial_pool, _nonlinear_head, _fan_out, _grouped,
+                               _per_example_kernel])
+def test_not_stacked_and_exact(f):
+  params, x1, x2 = _params(), _normal(7, (3, 6, 6, 3)), _normal(8, (2, 6, 6, 3))
+  ntk, kernel = _kernels(f, params, x1, x2, trace_axes=())
+  assert ntk.explain(params, x1, x2).sides == ()
+  oracle.assert_matches(kernel, oracle.oracle_ntk(f, params, x1, x2, trace_axes=()),
+                        1e-10)
+
+
+def test_stacked_side_is_one_convolution_per_example():
+  """The emitted program: the convolution before the pool is transposed once per
+  example with K x C_in output channels, not once per (example, output row)."""
+  params, x1 = _params(mid=4, classes=3), _normal(7, (3, 6, 6, 3))
+  text = str(nc.compile_ntk(cnn, method="structured").jaxpr(params, x1))
+  assert "f64[3,6,6,12] = conv_general_dilated" in text  # 3 rows x 4 input channels
+  assert "f64[9,6,6,4] = conv_general_dilated" not in text  # 3 examples x 3 rows
