@@ -923,14 +923,12 @@ def _sizes(ops: list[Operand]) -> dict[int, int]:
   return {l: n for o in ops for l, n in zip(o.labels, o.shape)}
 
 
-def leaf_costs(plan1: Plan, plan2: Plan, leaf: int, layout, shape1, shape2,
-               per_example: bool, symmetric: bool) -> tuple[int, int]:
-  """FLOPs of a leaf's term (pairwise structured, materialised) for one output leaf."""
-  s1, s2, result = layout.indices()
+def materialised_flops(plan1: Plan, plan2: Plan, leaf: int, layout, shape1, shape2,
+                       per_example: bool, symmetric: bool) -> int:
+  """FLOPs of a leaf's term for one output leaf when each example's gradient is
+  materialised first (the pairwise term's: `shared_pair_flops`)."""
+  s1, s2, _ = layout.indices()
   uses1, uses2 = plan1.uses_of(leaf), plan2.uses_of(leaf)
-  pairwise = sum(contraction_flops(ops1 + ops2, result, grouped=True)
-                 for ops1, ops2 in _pair_operands(plan1, plan2, leaf, layout, shape1,
-                                                  shape2, per_example, symmetric))
   w_size = math.prod(plan1.leaf_shapes[leaf])
   # The Gram of the two sides' gradients: a multiply and an add per term, counted as
   # opt_einsum counts the pairwise einsums (two per term summed)
@@ -945,17 +943,18 @@ def leaf_costs(plan1: Plan, plan2: Plan, leaf: int, layout, shape1, shape2,
       w_out = [labels(("w", i)) for i in range(len(u.view.base_shape))]
       out = list(side) + [l for l in w_out if l in _sizes(ops)]
       materialised += contraction_flops(ops, out)
-  return pairwise, materialised
+  return materialised
 
 
 def shared_pair_flops(plan1: Plan, plan2: Plan, leaves, layout, shape1, shape2,
-                      per_example: bool, symmetric: bool) -> int:
+                      per_example: bool, symmetric: bool, seen: set | None = None) -> int:
   """FLOPs of the pairwise terms of `leaves` for one output leaf as emit computes
   them: a group of operands that another term already contracted (a bias and the
-  weight of one layer share their cotangents' Gram) is counted once."""
+  weight of one layer share their cotangents' Gram) is counted once. `seen`: the
+  groups already contracted (by other leaves' terms), updated with these."""
   result = layout.indices()[2]
   tag2 = "1" if symmetric else "2"
-  seen: set = set()
+  seen = set() if seen is None else seen
   return sum(contraction_flops(ops1 + ops2, result, grouped=True,
                                tags=["1"] * len(ops1) + [tag2] * len(ops2), seen=seen)
              for leaf in leaves

@@ -139,6 +139,9 @@ class Machine:
     pair_flops_per_s: throughput of a pairwise structured term over tokens (an einsum
       of two sides' cotangents and per-example factors, batched over example pairs,
       small matrices): slower per FLOP than one large matrix product.
+    trace_pair_flops_per_s: the same for a term whose output axes are all traced (the
+      two sides' Grams, over the factors and over the cotangents, multiplied and
+      summed): no output pairs, 2-3x the rate of an untraced term on a CPU.
     measured: True when measured on this machine (a micro-benchmark, cached on disk),
       False for the built-in defaults (NTK_COMPILER_CALIBRATE=0).
   """
@@ -148,20 +151,23 @@ class Machine:
   conv_flops_per_s: float
   conv_grad_flops_per_s: float
   pair_flops_per_s: float
+  trace_pair_flops_per_s: float
   measured: bool
 
   def seconds(self, flops: float, nbytes: float = 0.0, conv: float = 0.0,
-              conv_grad: float = 0.0, pair: float = 0.0) -> float:
+              conv_grad: float = 0.0, pair: float = 0.0, trace_pair: float = 0.0
+              ) -> float:
     """A roofline-style estimate: compute time per family plus memory-traffic time."""
     return (flops / self.flops_per_s + conv / self.conv_flops_per_s
             + conv_grad / self.conv_grad_flops_per_s + pair / self.pair_flops_per_s
-            + nbytes / self.bytes_per_s)
+            + trace_pair / self.trace_pair_flops_per_s + nbytes / self.bytes_per_s)
 
 
 # Conservative rates when calibration is off (dot, bytes, conv, per-example conv grad,
-# pairwise terms).
-_DEFAULTS = {"cpu": (5e10, 1e10, 3e10, 1e10, 2e10), "gpu": (2e13, 1e12, 1e13, 5e12, 5e12),
-             "tpu": (5e13, 5e11, 3e13, 1e13, 1e13)}
+# pairwise terms, traced pairwise terms).
+_DEFAULTS = {"cpu": (5e10, 1e10, 3e10, 1e10, 2e10, 4e10),
+             "gpu": (2e13, 1e12, 1e13, 5e12, 5e12, 5e12),
+             "tpu": (5e13, 5e11, 3e13, 1e13, 1e13, 1e13)}
 _MACHINES: dict = {}
 
 
@@ -190,7 +196,7 @@ def machine(backend: str | None = None) -> Machine:
 
 
 _RATES = ("flops_per_s", "bytes_per_s", "conv_flops_per_s", "conv_grad_flops_per_s",
-          "pair_flops_per_s")
+          "pair_flops_per_s", "trace_pair_flops_per_s")
 
 
 def _cache_file(backend: str) -> str:
@@ -270,6 +276,7 @@ def _calibrate(backend: str) -> Machine:
   rates["conv_grad_flops_per_s"] = outputs * flops / _best_time(
       lambda args: grads(*args), (x, cts))
   rates["pair_flops_per_s"] = _pair_rate(put)
+  rates["trace_pair_flops_per_s"] = _trace_pair_rate(put)
   result = Machine(backend, *(rates[k] for k in _RATES), measured=True)
   busy = _others_share(before, _cpu_ticks())
   if busy is not None and busy > BUSY_SHARE:
@@ -301,6 +308,22 @@ def _pair_rate(put) -> float:
   term = jax.jit(lambda h, ct: jnp.einsum(spec, h, h, ct, ct))
   flops = einsum_flops([tuple("nsi"), tuple("mti"), tuple("nasj"), tuple("mbtj")],
                        list("nmab"), dict(n=n, m=n, s=t, t=t, i=d, j=d, a=o, b=o))
+  return flops / _best_time(lambda args: term(*args), (h, ct))
+
+
+def _trace_pair_rate(put) -> float:
+  """FLOP/s of the same term with its outputs traced, contracted as emit does: the
+  factors' Gram and the cotangents' Gram per pair of examples, multiplied, summed."""
+  import jax
+  import jax.numpy as jnp
+
+  n, t, d, o = 8, 16, 64, 10
+  h = put(jnp.ones((n, t, d), jnp.float32))
+  ct = put(jnp.ones((n, o, t, d), jnp.float32))
+  term = jax.jit(lambda h, ct: jnp.einsum(
+      "nmst,nmst->nm", jnp.einsum("nsi,mti->nmst", h, h),
+      jnp.einsum("nasj,matj->nmst", ct, ct)))
+  flops = 2 * n * n * t * t * (d + o * d + 1)
   return flops / _best_time(lambda args: term(*args), (h, ct))
 
 

@@ -227,6 +227,12 @@ def batch_decision(ntk_fn, params, x, batch: int) -> batching.Decision:
   num_params = len(jax.tree_util.tree_leaves(params))
   return batching.infer(trace_at, num_params, batch)
 
+def _traced(layout) -> bool:
+  """Whether every output axis but the batch is traced or diagonal: a pairwise term
+  with no pairs of output entries, priced at the traced-term rate."""
+  return all(a in layout.trace or a in layout.diagonal for a in range(1, layout.ndim))
+
+
 def engine_plan(ntk_fn, f, params, x, per_example: bool) -> analysis.Plan:
   program = trace.trace_program(f, params, x, per_example)
   jaxpr, consts = custom_jvp.follow_linear_jvps(
@@ -368,24 +374,41 @@ def _estimate(problem: Problem, engine, engine2) -> Estimate:
     structured_flops = activations["flops"] + activations["conv"]
     structured_bytes = reverse_bytes + cut_bytes
     pair_flops = 0
-    for leaf in range(engine.num_params):
+    outputs = list(zip(problem.layouts, problem.shapes1, problem.shapes2))
+    # Groups of operands the pairwise terms chosen so far contract (emit's memo shares
+    # them): a leaf's pairwise cost is what its term adds to those.
+    seen = [set() for _ in outputs]
+
+    def pairwise_cost(leaf, commit):  # (FLOPs of untraced outputs, of traced ones)
+      flops = [0, 0]
+      for (layout, s1, s2), groups in zip(outputs, seen):
+        flops[_traced(layout)] += analysis.shared_pair_flops(
+            engine, engine2 or engine, [leaf], layout, s1, s2, problem.batch_independent,
+            problem.symmetric, seen=groups if commit else set(groups))
+      return flops
+
+    # A leaf whose uses carry no factor arrays (a bias added to a value) has the same
+    # contraction both ways: pairwise, it shares the cotangents' Gram with the other
+    # leaves cut at that value. Those go first, then each leaf is priced by what it adds.
+    plain = {leaf: all(not f.labels for u in engine.uses_of(leaf) for f in u.view.factors)
+             for leaf in range(engine.num_params)}
+    for leaf in sorted(range(engine.num_params), key=lambda l: not plain[l]):
       if not engine.uses_of(leaf):
         continue
-      pair = mat = 0
-      for layout, s1, s2 in zip(problem.layouts, problem.shapes1, problem.shapes2):
-        p, m = analysis.leaf_costs(engine, engine2 or engine, leaf, layout, s1, s2,
-                                   problem.batch_independent, problem.symmetric)
-        pair, mat = pair + p, mat + m
+      mat = sum(analysis.materialised_flops(engine, engine2 or engine, leaf, layout, s1,
+                                            s2, problem.batch_independent,
+                                            problem.symmetric)
+                for layout, s1, s2 in outputs)
+      untraced, traced = pairwise_cost(leaf, commit=False)
+      pair = untraced + traced
       mat_bytes = 8 * _prod(engine.leaf_shapes[leaf]) * sum(sizes)
-      pairwise_seconds[leaf] = rates.seconds(0, pair=pair)
+      pairwise_seconds[leaf] = rates.seconds(0, pair=untraced, trace_pair=traced)
       materialised_seconds[leaf] = rates.seconds(mat, mat_bytes)
-      # A leaf whose uses carry no factor arrays (a bias added to a value) has the
-      # same contraction both ways: pairwise, it shares the cotangents' Gram with the
-      # other leaves cut at that value (emit's memo).
-      plain = all(not f.labels for u in engine.uses_of(leaf) for f in u.view.factors)
-      chosen_mat = not plain and materialised_seconds[leaf] < pairwise_seconds[leaf]
+      chosen_mat = not plain[leaf] and materialised_seconds[leaf] < pairwise_seconds[leaf]
       if chosen_mat:
         materialise.add(leaf)
+      else:
+        pairwise_cost(leaf, commit=True)
       kinds[leaf] = "materialised" if chosen_mat else "pairwise"
       pairwise_flops[leaf], materialised_flops[leaf] = pair, mat
       leaf_flops[leaf] = mat if chosen_mat else pair
@@ -397,20 +420,21 @@ def _estimate(problem: Problem, engine, engine2) -> Estimate:
     pairwise_leaves = [l for l, kind in kinds.items() if kind == "pairwise"]
     # With x2 omitted, the share of example pairs the program contracts (in blocks,
     # the rest mirrored).
-    shared = sum(
-        analysis.shared_pair_flops(engine, engine2 or engine, pairwise_leaves, layout, s1,
-                                   s2, problem.batch_independent, problem.symmetric)
-        * (emit.symmetric_pair_share(s1[0] if s1 else 0, layout,
-                                     problem.batch_independent)
-           if problem.symmetric else 1.0)
-        for layout, s1, s2 in zip(problem.layouts, problem.shapes1, problem.shapes2))
-    structured_flops += shared - pair_flops
-    pair_flops = shared
+    shared = [0.0, 0.0]  # untraced, traced
+    for layout, s1, s2 in outputs:
+      shared[_traced(layout)] += analysis.shared_pair_flops(
+          engine, engine2 or engine, pairwise_leaves, layout, s1, s2,
+          problem.batch_independent, problem.symmetric) * (
+              emit.symmetric_pair_share(s1[0] if s1 else 0, layout,
+                                        problem.batch_independent)
+              if problem.symmetric else 1.0)
+    structured_flops += sum(shared) - pair_flops
+    pair_flops = sum(shared)
     flops["structured"] = structured_flops
     nbytes["structured"] = structured_bytes
     seconds["structured"] = rates.seconds(
         structured_flops - activations["conv"] - pair_flops, structured_bytes,
-        conv=activations["conv"], pair=pair_flops)
+        conv=activations["conv"], pair=shared[0], trace_pair=shared[1])
   return Estimate(flops, frozenset(materialise), kinds, leaf_flops, nbytes, seconds,
                   pairwise_flops, materialised_flops, pairwise_seconds,
                   materialised_seconds, rates)
