@@ -7,10 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, strategies as st
 from jax import lax
 
 import ntk_compiler as nc
 import oracle
+import tiers
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 NCHW = ("NCHW", "OIHW", "NCHW")
@@ -129,3 +131,48 @@ def test_stacked_side_is_one_convolution_per_example():
   text = str(nc.compile_ntk(cnn, method="structured").jaxpr(params, x1))
   assert "f64[3,6,6,12] = conv_general_dilated" in text  # 3 rows x 4 input channels
   assert "f64[9,6,6,4] = conv_general_dilated" not in text  # 3 examples x 3 rows
+
+
+_ACTIVATIONS = {"relu": jax.nn.relu, "tanh": jnp.tanh, "silu": jax.nn.silu,
+                "square": lambda y: y * y, "scale": lambda y: 0.5 * y - 1.0}
+
+
+@tiers.examples(3, 12)
+@given(spatial=st.sampled_from([1, 2]), stride=st.sampled_from([1, 2]),
+       dilation=st.sampled_from([1, 2]), padding=st.sampled_from(["SAME", "VALID"]),
+       chain=st.lists(st.sampled_from(sorted(_ACTIVATIONS)), max_size=3),
+       bias=st.booleans(), mean=st.booleans(), x2_given=st.booleans(),
+       trace=st.booleans(), seed=st.integers(0, 2**16))
+def test_random_stacked_convolutions_match_the_oracle(spatial, stride, dilation, padding,
+                                                      chain, bias, mean, x2_given, trace,
+                                                      seed):
+  """Random convolutions before a pooled head (1-D or 2-D, strides, dilations,
+  padding, elementwise chains, bias, sum or mean pool, traced or not): stacked, and
+  exact against the oracle."""
+  dn = ("NWC", "WIO", "NWC") if spatial == 1 else NHWC
+  rng = np.random.default_rng(seed)
+  params = {"w1": jnp.asarray(rng.normal(size=(3,) * spatial + (2, 3)) * 0.5),
+            "w2": jnp.asarray(rng.normal(size=(2,) * spatial + (3, 4)) * 0.5),
+            "b": jnp.asarray(rng.normal(size=(4,)) * 0.1),
+            "head": jnp.asarray(rng.normal(size=(4, 3)))}
+  axes = tuple(range(1, 1 + spatial))
+
+  def f(p, x):
+    h = jnp.tanh(lax.conv_general_dilated(x, p["w1"], (1,) * spatial, "SAME",
+                                          dimension_numbers=dn))
+    y = lax.conv_general_dilated(h, p["w2"], (stride,) * spatial, padding,
+                                 rhs_dilation=(dilation,) * spatial, dimension_numbers=dn)
+    y = y + p["b"] if bias else y
+    for name in chain:
+      y = _ACTIVATIONS[name](y)
+    pooled = y.mean(axis=axes) if mean else y.sum(axis=axes)
+    return pooled @ p["head"]
+
+  shape = (5,) * spatial + (2,)
+  x1 = jnp.asarray(rng.normal(size=(3,) + shape))
+  x2 = jnp.asarray(rng.normal(size=(2,) + shape)) if x2_given else None
+  trace_axes = (-1,) if trace else ()
+  ntk, kernel = _kernels(f, params, x1, x2, trace_axes=trace_axes)
+  assert len(ntk.explain(params, x1, x2).sides) == 1
+  oracle.assert_matches(kernel, oracle.oracle_ntk(f, params, x1, x2,
+                                                  trace_axes=trace_axes), 1e-10)
