@@ -602,6 +602,7 @@ class _Regions:
   def __init__(self, jaxpr, readers, dep):
     self.jaxpr, self.readers, self.dep = jaxpr, readers, dep
     self.deferred: dict = {}  # region output var -> views composed through the region
+    self.taken: dict = {}  # z -> indices of its region's equations, in order
     self._found: dict = {}
     self._all_readers = None
 
@@ -646,6 +647,7 @@ class _Regions:
         or not _pools(y, self.readers, self.dep)):
       return None
     eqns = [self.jaxpr.eqns[i] for i in taken]
+    self.taken[z] = tuple(taken)
 
     def fn(value):
       env = {z: value}
@@ -706,8 +708,15 @@ _FILLS = frozenset({lax.broadcast_in_dim_p, prims.add_jaxvals_p, _STOP_GRADIENT}
 
 def _diagonal_program(jaxpr, shape) -> bool:
   """Whether every equation of `jaxpr` (and of its bodies) maps arrays of `shape` and
-  scalars elementwise, so that its outputs depend on its inputs element by element."""
+  scalars elementwise, so that its outputs depend on its inputs element by element.
+  Equations of constants alone (a zero broadcast to any shape, as a custom rule under
+  vmap makes) depend on no input and pass."""
+  constant: set = set()
   for eqn in jaxpr.eqns:
+    if all(isinstance(a, compat.Literal) or a in constant for a in eqn.invars) and not (
+        list(compat.sub_jaxprs(eqn))):
+      constant.update(eqn.outvars)
+      continue
     if any(tuple(getattr(a.aval, "shape", ())) not in (shape, ())
            for a in list(eqn.invars) + list(eqn.outvars)):
       return False

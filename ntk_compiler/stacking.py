@@ -71,7 +71,7 @@ def find(plan: analysis.Plan) -> tuple[Stacked, ...]:
   for i, eqn in enumerate(jaxpr.eqns):
     if not _stackable_conv(eqn, dep, cut):
       continue
-    tail = _pooled_chain(jaxpr, eqn, readers)
+    tail = _pooled_chain(jaxpr, eqn, readers, dep)
     if tail is None:
       continue
     chain, pool = tail
@@ -99,19 +99,30 @@ def _stackable_conv(eqn, dep: dict, cut: set) -> bool:
           and lhs.aval.dtype == rhs.aval.dtype == eqn.outvars[0].aval.dtype)
 
 
-def _pooled_chain(jaxpr, conv, readers: dict):
+def _pooled_chain(jaxpr, conv, readers: dict, dep: dict):
   """(chain equation indices, the pool's output var) when conv's output reaches f only
-  through elementwise equations, each its value's only reader, and then a reduce_sum
-  keeping only the feature axis (and unit axes); else None."""
+  through elementwise equations (each its value's only reader, or a region a value
+  fans out into: tanh-GELU) and reshapes adding or dropping unit axes, then a
+  reduce_sum keeping only the feature axis (and unit axes); else None."""
   index = {id(e): j for j, e in enumerate(jaxpr.eqns)}
+  regions = analysis._Regions(jaxpr, readers, dep)
   var = conv.outvars[0]
   shape = tuple(var.aval.shape)
   feature = conv.params["dimension_numbers"].out_spec[1]
+  if shape[feature] == 1:
+    return None
   chain = []
   for _ in range(_CHAIN_MAX + 1):
     found = list({id(e): e for e in readers.get(var, [])}.values())  # y * y: one reader
-    if len(found) != 1 or found[0] is None:
+    if None in found or not found:
       return None
+    if len(found) > 1:  # a fan-out: stacked through a whole elementwise region only
+      region = regions.of(var)
+      if region is None:
+        return None
+      chain += regions.taken[var]
+      var = region[0]
+      continue
     eqn = found[0]
     chain.append(index[id(eqn)])
     if eqn.primitive is lax.reduce_sum_p:
@@ -119,10 +130,32 @@ def _pooled_chain(jaxpr, conv, readers: dict):
       if feature not in kept or any(shape[a] != 1 for a in kept if a != feature):
         return None
       return chain, eqn.outvars[0]
+    if eqn.primitive in _UNIT_RESHAPES and len(eqn.outvars) == 1:
+      feature = _unit_reshaped(shape, tuple(eqn.outvars[0].aval.shape), feature)
+      if feature is None:
+        return None
+      var = eqn.outvars[0]
+      shape = tuple(var.aval.shape)
+      continue
     if not _elementwise(eqn, var, shape):
       return None
     var = eqn.outvars[0]
   return None
+
+
+_UNIT_RESHAPES = frozenset({lax.reshape_p, lax.squeeze_p, lax.expand_dims_p}
+                           if hasattr(lax, "expand_dims_p") else
+                           {lax.reshape_p, lax.squeeze_p})
+
+
+def _unit_reshaped(shape, new, feature):
+  """Where axis `feature` of `shape` goes in `new` when the reshape only adds or drops
+  unit axes (Equinox's conv output: [1, C, H, W] <-> [1, 1, C, H, W]); else None."""
+  old_axes = [a for a, n in enumerate(shape) if n != 1]
+  new_axes = [a for a, n in enumerate(new) if n != 1]
+  if [shape[a] for a in old_axes] != [new[a] for a in new_axes]:
+    return None
+  return new_axes[old_axes.index(feature)]
 
 
 def _elementwise(eqn, var, shape) -> bool:

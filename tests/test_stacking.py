@@ -176,3 +176,48 @@ def test_random_stacked_convolutions_match_the_oracle(spatial, stride, dilation,
   assert len(ntk.explain(params, x1, x2).sides) == 1
   oracle.assert_matches(kernel, oracle.oracle_ntk(f, params, x1, x2,
                                                   trace_axes=trace_axes), 1e-10)
+
+
+def _flax_cnn():
+  nn = pytest.importorskip("flax.linen")
+
+  class CNN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.relu(nn.Conv(4, (3, 3))(x))
+      x = nn.gelu(nn.Conv(5, (3, 3))(x))  # tanh-GELU: its input fans out (a region)
+      return nn.Dense(3)(jnp.mean(x, axis=(1, 2)))
+  model, x = CNN(), _normal(7, (3, 6, 6, 3))
+  return (lambda p, x: model.apply(p, x)), model.init(jax.random.PRNGKey(0), x), x
+
+
+def _equinox_cnn():
+  eqx = pytest.importorskip("equinox")
+  keys = jax.random.split(jax.random.PRNGKey(0), 3)
+  layers = (eqx.nn.Conv2d(3, 4, 3, padding=1, key=keys[0]),
+            eqx.nn.Conv2d(4, 5, 3, padding=1, key=keys[1]), eqx.nn.Linear(5, 3, key=keys[2]))
+  params, static = eqx.partition(layers, eqx.is_array)
+
+  def f(p, x):
+    c1, c2, head = eqx.combine(p, static)
+    # vmapped per example: the conv's output is reshaped [1, C, H, W] <-> [1, 1, C, H, W]
+    # and relu's rule is batched (a zero broadcast to the example's shape)
+    one = lambda xi: head(jax.nn.relu(c2(jax.nn.relu(c1(xi)))).mean(axis=(1, 2)))
+    return jax.vmap(one)(x)
+  return f, params, _normal(7, (3, 3, 6, 6))
+
+
+@pytest.mark.parametrize("build", [_flax_cnn, _equinox_cnn])
+def test_library_cnns_are_stacked(build):
+  f, params, x1 = build()
+  params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), params)
+  x2 = x1[:2] * 0.5
+  ntk, kernel = _kernels(f, params, x1, x2, trace_axes=())
+  explanation = ntk.explain(params, x1, x2)
+  assert len(explanation.sides) == 1
+  # The last conv's weight is followed through the activation (its own rule, diagonal)
+  # and past the pool: a pooling head.
+  assert any("reduce_sum" in use.steps for leaf in explanation.leaves
+             if len(leaf.shape) == 4 for use in leaf.uses)
+  oracle.assert_matches(kernel, oracle.oracle_ntk(f, params, x1, x2, trace_axes=()),
+                        1e-10)
