@@ -221,3 +221,34 @@ def test_library_cnns_are_stacked(build):
              if len(leaf.shape) == 4 for use in leaf.uses)
   oracle.assert_matches(kernel, oracle.oracle_ntk(f, params, x1, x2, trace_axes=()),
                         1e-10)
+
+
+def two_branches(p, x):
+  """Two convolutions, each before its own pool and head, the heads summed; the second
+  kernel a product of two leaves (its cotangent flows through the stacked conv's
+  kernel too)."""
+  h = jax.nn.relu(_conv(x, p["w1"]) + p["b1"])
+  a = jax.nn.relu(_conv(h, p["w2"])).mean(axis=(1, 2)) @ p["head"]
+  b = jnp.tanh(_conv(h, p["w2"] * p["b2"])).sum(axis=(1, 2)) @ p["head"]
+  return a + 0.5 * b
+
+
+@pytest.mark.parametrize("x2_given", [True, False])
+def test_two_stacked_convolutions_in_one_program(x2_given):
+  params = _params()
+  x1, x2 = _normal(7, (3, 6, 6, 3)), (_normal(8, (2, 6, 6, 3)) if x2_given else None)
+  ntk, kernel = _kernels(two_branches, params, x1, x2, trace_axes=())
+  assert len(ntk.explain(params, x1, x2).sides) == 2
+  oracle.assert_matches(kernel, oracle.oracle_ntk(two_branches, params, x1, x2,
+                                                  trace_axes=()), 1e-10)
+
+
+def test_a_convolution_of_the_input_alone_is_not_stacked():
+  """No cut lies below the input: its backward pass is not computed at all."""
+  def f(p, x):
+    return jax.nn.relu(_conv(x, p["w1"]) + p["b1"]).mean(axis=(1, 2)) @ p["head"][:4]
+  params, x1 = _params(), _normal(7, (3, 6, 6, 3))
+  ntk, kernel = _kernels(f, params, x1, None, trace_axes=())
+  assert ntk.explain(params, x1).sides == ()
+  oracle.assert_matches(kernel, oracle.oracle_ntk(f, params, x1, None, trace_axes=()),
+                        1e-10)
