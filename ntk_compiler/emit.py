@@ -34,10 +34,12 @@ def evaluate(plan: Plan, args: list, eps: dict, record: dict | None = None
   step: it takes its slice of those cuts' `eps` and stacks its factors.
   With `record`, the input edges of the stacked convolutions (`plan.stacked`) are cut
   off (their cotangents enter as seeds) and `record` receives the top level's values
-  and those convolutions' operands, by equation index.
+  ("env") and those convolutions' operands ("operands", by equation index).
   """
   factors: dict = {}
   stop = {s.conv for s in plan.stacked} if record is not None else set()
+  if record is not None:
+    record["operands"] = {}
 
   def perturb(value, edge, eps):
     for cid in plan.edge_cuts.get(edge, ()):
@@ -54,7 +56,7 @@ def evaluate(plan: Plan, args: list, eps: dict, record: dict | None = None
         factors[factor.id] = jnp.asarray(factor.fn(*vals))
       vals = [perturb(v, (path, k), eps) for k, v in enumerate(vals)]
       if not prefix and i in stop:
-        record[i] = list(vals)
+        record["operands"][i] = list(vals)
         vals[0] = lax.stop_gradient(vals[0])
       if path in plan.inline:
         inner, inner_consts = compat.call_body(eqn)
@@ -181,7 +183,7 @@ def _evaluate_stacked(plan: Plan, args: list, eps: dict, stacked: tuple):
   record: dict = {}
   outs, factors = evaluate(plan, args, eps, record)
   env = record["env"]
-  seeds = [([env[v] for v in s.reads], *record[s.conv]) for s in stacked]
+  seeds = [([env[v] for v in s.reads], *record["operands"][s.conv]) for s in stacked]
   return (outs, [lhs for _, lhs, _ in seeds]), (factors, seeds)
 
 

@@ -319,7 +319,8 @@ def side_notes(engine) -> tuple[str, ...]:
   notes = []
   for stacked in getattr(engine, "stacked", ()):
     where = source_line(engine.jaxpr.eqns[stacked.conv])
-    notes.append(stacked.describe(engine.jaxpr, outputs) + (f", at {where}" if where else ""))
+    where = f", at {where}" if where else ""
+    notes.append(stacked.describe(engine.jaxpr, outputs) + where)
   return tuple(notes)
 
 

@@ -227,6 +227,7 @@ def batch_decision(ntk_fn, params, x, batch: int) -> batching.Decision:
   num_params = len(jax.tree_util.tree_leaves(params))
   return batching.infer(trace_at, num_params, batch)
 
+
 def _traced(layout) -> bool:
   """Whether every output axis but the batch is traced or diagonal: a pairwise term
   with no pairs of output entries, priced at the traced-term rate."""
@@ -379,13 +380,14 @@ def _estimate(problem: Problem, engine, engine2) -> Estimate:
     # them): a leaf's pairwise cost is what its term adds to those.
     seen = [set() for _ in outputs]
 
-    def pairwise_cost(leaf, commit):  # (FLOPs of untraced outputs, of traced ones)
-      flops = [0, 0]
-      for (layout, s1, s2), groups in zip(outputs, seen):
+    def pairwise_cost(leaf):
+      """(FLOPs on untraced outputs, on traced ones), and the groups seen with it."""
+      flops, groups = [0, 0], [set(g) for g in seen]
+      for (layout, s1, s2), g in zip(outputs, groups):
         flops[_traced(layout)] += analysis.shared_pair_flops(
             engine, engine2 or engine, [leaf], layout, s1, s2, problem.batch_independent,
-            problem.symmetric, seen=groups if commit else set(groups))
-      return flops
+            problem.symmetric, seen=g)
+      return flops, groups
 
     # A leaf whose uses carry no factor arrays (a bias added to a value) has the same
     # contraction both ways: pairwise, it shares the cotangents' Gram with the other
@@ -407,7 +409,7 @@ def _estimate(problem: Problem, engine, engine2) -> Estimate:
                                             s2, problem.batch_independent,
                                             problem.symmetric)
                 for layout, s1, s2 in outputs)
-      untraced, traced = pairwise_cost(leaf, commit=False)
+      (untraced, traced), groups = pairwise_cost(leaf)
       pair = untraced + traced
       mat_bytes = 8 * _prod(engine.leaf_shapes[leaf]) * (sum(sizes) + relaid)
       pairwise_seconds[leaf] = rates.seconds(0, pair=untraced, trace_pair=traced)
@@ -416,7 +418,7 @@ def _estimate(problem: Problem, engine, engine2) -> Estimate:
       if chosen_mat:
         materialise.add(leaf)
       else:
-        pairwise_cost(leaf, commit=True)
+        seen = groups
       kinds[leaf] = "materialised" if chosen_mat else "pairwise"
       pairwise_flops[leaf], materialised_flops[leaf] = pair, mat
       leaf_flops[leaf] = mat if chosen_mat else pair

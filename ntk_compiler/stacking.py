@@ -5,7 +5,7 @@ Through a convolution y = conv(x, W) whose output reaches f's outputs only throu
 elementwise equations, a reduce_sum over every axis but the features (a global pool)
 and a linear head with weight coefficients, the cotangent of row k is
 
-    ct_y[k] = D ∘ broadcast(u_k),   D = ∂(Σ pooled)/∂y (per example),   u_k = ∂out_k/∂pooled,
+    ct_y[k] = D ∘ broadcast(u_k),  D = ∂(Σ pooled)/∂y (per example),  u_k = ∂out_k/∂pool,
 
 and ⟨D ∘ u_k, conv(x, W)⟩ = ⟨D, conv(x, W ∘ u_k)⟩: the K data-gradient convolutions of
 one example are one convolution with the K scaled kernels stacked along its output
@@ -163,7 +163,8 @@ def _elementwise(eqn, var, shape) -> bool:
   other operands may be broadcast along unit axes: a bias)."""
   if analysis._pointwise(eqn, shape):
     return True
-  broadcast = lambda a: len(a) == len(shape) and all(n in (m, 1) for n, m in zip(a, shape))
+  def broadcast(a):
+    return len(a) == len(shape) and all(n in (m, 1) for n, m in zip(a, shape))
   return (eqn.primitive in analysis._ELEMENTWISE and len(eqn.outvars) == 1
           and tuple(eqn.outvars[0].aval.shape) == shape
           and all(tuple(a.aval.shape) == shape for a in eqn.invars if a is var)
