@@ -737,14 +737,21 @@ def _elementwise_custom(eqn) -> bool:
   return all(a.aval.shape in (shape, ()) for a in eqn.invars)
 
 
-def _dependence(jaxpr, in_dep: list[bool]) -> list[bool]:
-  """Which outputs of `jaxpr` depend on the inputs marked (conservatively: an
-  equation's outputs depend on all its inputs)."""
+def dependence(jaxpr, in_dep: list[bool]) -> dict:
+  """Which variables of `jaxpr` depend on the inputs marked (conservatively: an
+  equation's outputs depend on all its inputs; constants on none)."""
   dep = {v: d for v, d in zip(jaxpr.invars, in_dep)}
+  dep.update((v, False) for v in jaxpr.constvars)
   for eqn in jaxpr.eqns:
     d = any(dep.get(a, False) for a in eqn.invars if not isinstance(a, compat.Literal))
     for v in eqn.outvars:
       dep[v] = d
+  return dep
+
+
+def _dependence(jaxpr, in_dep: list[bool]) -> list[bool]:
+  """Which outputs of `jaxpr` depend on the inputs marked (`dependence`)."""
+  dep = dependence(jaxpr, in_dep)
   return [False if isinstance(v, compat.Literal) else dep.get(v, False)
           for v in jaxpr.outvars]
 

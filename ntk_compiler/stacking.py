@@ -65,7 +65,8 @@ def find(plan: analysis.Plan) -> tuple[Stacked, ...]:
   """The convolutions of `plan`'s top level whose backward pass can be stacked."""
   jaxpr = plan.jaxpr
   readers = analysis._readers(jaxpr)
-  dep = _x_dependence(jaxpr, plan.num_params)
+  dep = analysis.dependence(jaxpr, [i >= plan.num_params
+                                    for i in range(len(jaxpr.invars))])
   cut = _cut_dependence(jaxpr, plan.edge_cuts)
   found = []
   for i, eqn in enumerate(jaxpr.eqns):
@@ -198,15 +199,6 @@ def _linear_head(jaxpr, pooled, dep: dict) -> list[int] | None:
   if not any(v in reached for v in jaxpr.outvars if not isinstance(v, compat.Literal)):
     return None
   return head
-
-
-def _x_dependence(jaxpr, num_params: int) -> dict:
-  dep = {v: i >= num_params for i, v in enumerate(jaxpr.invars)}
-  dep.update((v, False) for v in jaxpr.constvars)
-  for eqn in jaxpr.eqns:
-    d = any(dep.get(a, False) for a in eqn.invars if not isinstance(a, compat.Literal))
-    dep.update((v, d) for v in eqn.outvars)
-  return dep
 
 
 def _cut_dependence(jaxpr, edge_cuts: dict) -> set:
