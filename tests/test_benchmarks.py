@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks import models, suite  # noqa: E402
+from benchmarks import floor, models, suite  # noqa: E402
 from tiers import full  # noqa: E402
 
 
@@ -77,3 +77,19 @@ def test_anchor_speedups_are_over_their_own_jacrev(tmp_path):
   assert suite.anchor_speedups(anchors, "fcn-w512-n16", "full") == {
       "nt_structured": 100.0, "torch_func": 2.0}
   assert suite.anchor_speedups(anchors, "fcn-w512-n16", "trace") == {}
+
+
+@full
+def test_floor_runs_at_tiny_sizes(capsys):
+  """benchmarks/floor.py: each row's operations counted as the model has them (four
+  convolutions with rows behind the stem, two square matmuls), every time positive."""
+  out = floor.main(["--quick", "--reps", "1"])
+  resnet, mlp = out["resnet"], out["mlp"]
+  counts = {op: n for op, (n, _) in resnet["ops"].items()}
+  assert sum(n for op, n in counts.items() if op.startswith("backward conv")) == 4
+  assert sum(n for op, n in counts.items() if op.startswith("forward")) == 5
+  assert sum(n for op, (n, _) in mlp["ops"].items() if op.startswith("backward")) == 2
+  for row in (resnet, mlp):
+    assert all(ms > 0 for _, ms in row["ops"].values())
+    assert row["floor_ms"] > 0 and row["ours_ms"] > 0 and row["jacrev_ms"] > 0
+  assert "jacrev / floor" in capsys.readouterr().out
