@@ -30,10 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import models  # noqa: E402
-import suite  # noqa: E402
-
+if __package__ in (None, ""):  # run as a script: the repository root, as suite.py does
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import models, suite  # noqa: E402
 from ntk_compiler import compile_ntk  # noqa: E402
 
 HIGHEST = lax.Precision.HIGHEST
