@@ -7,7 +7,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 import ntk_compiler as nc
@@ -623,50 +622,3 @@ def test_materialised_bytes_count_the_grams_relayouts(monkeypatch, trace_axes, x
   for leaf, entries in ((0, 6 * 16), (1, 16 * 3)):
     assert estimate.materialised_seconds[leaf] == pytest.approx(
         8 * entries * (rows1 + rows2 + extra))
-
-
-@pytest.mark.parametrize("la, lb, result", [
-    ("ikc", "jlc", "ijkl"),    # a cotangent Gram: two free axes per side, one summed
-    ("bikc", "bjc", "bijk"),   # a shared batch axis
-    ("ikcd", "jcd", "jik"),    # two summed axes
-    ("ic", "jc", "ij")])
-def test_two_operand_contractions_are_one_matrix_product(la, lb, result):
-  """emit's einsum of two operands laid out (batch, free, summed) is one dot_general of
-  their matrix views, operands only reshaped (XLA's CPU dot then needs no transposing
-  copy of either), equal to jnp.einsum; complex operands too."""
-  from ntk_compiler import emit
-  sizes = dict(zip("bijkcdl", (2, 3, 4, 5, 6, 7, 8)))
-  for dtype in (jnp.float64, jnp.complex128):
-    a = _normal([sizes[l] for l in la], 0).astype(dtype)
-    b = _normal([sizes[l] for l in lb], 1).astype(dtype)
-    if dtype == jnp.complex128:
-      a, b = a * (1 + 0.5j), b * (0.3 - 1j)
-    ops = [(a, [ord(l) for l in la]), (b, [ord(l) for l in lb])]
-    out = [ord(l) for l in result]
-    got, want = emit._einsum(ops, out), jnp.einsum(f"{la},{lb}->{result}", a, b)
-    assert got.dtype == want.dtype
-    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12 * float(abs(want).max()))
-    jaxpr = jax.make_jaxpr(lambda x, y: emit._einsum([(x, ops[0][1]), (y, ops[1][1])],
-                                                      out))(a, b).jaxpr
-    prims = [e.primitive for e in jaxpr.eqns]
-    assert prims.count(jax.lax.dot_general_p) == 1
-    dot = next(e for e in jaxpr.eqns if e.primitive is jax.lax.dot_general_p)
-    (ca, cb), (ba, bb) = dot.params["dimension_numbers"]
-    batched = int("b" in la)
-    # matrix views: [batch,] free, summed; both contract their last axis
-    assert [v.aval.ndim for v in dot.invars] == [batched + 2] * 2
-    assert ca == cb == (batched + 1,) and ba == bb == tuple(range(batched))
-    before = prims[:prims.index(jax.lax.dot_general_p)]
-    assert set(before) <= {jax.lax.reshape_p}, before
-
-
-def test_contractions_in_other_layouts_are_left_to_einsum():
-  """Operands not laid out (batch, free, summed) alike: no matrix product (None), and
-  _einsum's result is jnp.einsum's."""
-  from ntk_compiler import emit
-  a, b = _normal((3, 6, 4), 0), _normal((6, 5), 1)
-  ops = [(a, [1, 9, 2]), (b, [9, 3])]  # the summed label in the middle of a
-  assert emit._matrix_product(*ops, [1, 2, 3]) is None
-  np.testing.assert_allclose(emit._einsum(ops, [1, 2, 3]), jnp.einsum("isk,sj->ikj", a, b),
-                             rtol=1e-12, atol=1e-12)
-  assert emit._matrix_product((a, [1, 2, 9]), (_normal((5, 6), 2), [3, 9]), [1, 3]) is None
