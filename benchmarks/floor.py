@@ -10,9 +10,10 @@ the K rows, as stacking's pooled head allows), and the forward pass. For the wid
 full kernel: the two backward matmuls of all N*K rows of both sides through the square
 weights, and the forward matmuls (each weight read from memory, as the program streams
 them). Each operation is timed alone at the model's shapes; the sum is the floor: what
-the kernel would take if everything else (masks, re-layouts, Grams, the head) were free. Printed beside the jacrev baseline and ours, timed in the same
-run: jacrev / floor is the largest speed-up over the baseline within reach of a program
-built from XLA's convolutions and matmuls on this backend.
+the kernel would take if everything else (masks, re-layouts, Grams, the head) were
+free. Printed beside the jacrev baseline and ours, timed in the same run: jacrev /
+floor is the largest speed-up over the baseline within reach of a program built from
+XLA's convolutions and matmuls on this backend.
 
   python benchmarks/floor.py            # both rows, ~30 s
   python benchmarks/floor.py --quick    # tiny sizes: checks that it runs
@@ -72,16 +73,16 @@ def resnet_floor(n=16, outputs=models.OUT, channels=32, image=16, blocks=2) -> d
   """Per operation of one side: (how many, milliseconds each)."""
   pixels, taps = image * image, 9 * channels
   rows = n * outputs
-  image_in, kernel = _random((n, image, image, channels)), _random((3, 3, channels, channels))
-  ops = {
+  image_in = _random((n, image, image, channels))
+  kernel = _random((3, 3, channels, channels))
+  backward_rows = median_ms(_conv, _random((rows, image, image, channels)), kernel)
+  return {
       "forward stem conv": (1, median_ms(_conv, _random((n, image, image, 3)),
                                          _random((3, 3, 3, channels)))),
       "forward conv": (2 * blocks, median_ms(_conv, image_in, kernel)),
-      "backward conv, N*K rows": (2 * blocks - 1, median_ms(
-          _conv, _random((rows, image, image, channels)), kernel)),
-      "backward conv, stacked (K*C channels)": (1, min(
-          median_ms(_conv, image_in, _random((3, 3, channels, outputs * channels))),
-          median_ms(_conv, _random((rows, image, image, channels)), kernel))),
+      "backward conv, N*K rows": (2 * blocks - 1, backward_rows),
+      "backward conv, stacked (K*C channels)": (1, min(backward_rows, median_ms(
+          _conv, image_in, _random((3, 3, channels, outputs * channels))))),
       "weight gradient, N*K rows": (2 * blocks - 1, median_ms(
           _batched_matmul, _random((n, taps, pixels)),
           _random((n, pixels, outputs * channels)))),
@@ -91,7 +92,6 @@ def resnet_floor(n=16, outputs=models.OUT, channels=32, image=16, blocks=2) -> d
           _batched_matmul, _random((n, 27, pixels)),
           _random((n, pixels, outputs * channels)))),
   }
-  return ops
 
 
 def mlp_floor(n=16, outputs=models.OUT, width=2048, depth=3) -> dict:
